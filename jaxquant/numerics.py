@@ -1,0 +1,204 @@
+"""Scale, zero point, rounding and the straight-through fake-quant.
+
+For a real range [lo, hi] and an integer grid [qmin, qmax] (see `QuantSpec`):
+
+  symmetric:   s = max(|lo|, |hi|) / qmax,        z = 0
+               (unsigned symmetric: s = max(hi, 0) / qmax)
+  asymmetric:  s = (hi - lo) / (qmax - qmin),     z = qmin - lo / s
+
+  q = clip(round(x / s + z), qmin, qmax)          x_hat = (q - z) * s
+
+The asymmetric zero point z is kept in float32, not rounded, so lo and hi
+themselves land exactly on qmin and qmax; the integer accumulators of the
+int8 engine subtract it in float after the dot.
+
+Degenerate ranges never give a zero, NaN or inf scale: an all-zero tensor
+gets s = 1 (every q is 0); a constant tensor c != 0 gets s = |c| / qmax
+(symmetric) or s = |c| / (qmax - qmin) (asymmetric), so c round-trips exactly.
+
+Non-finite inputs: `check_finite` raises a ValueError outside `jax.jit`.
+Inside jit the check cannot run; a NaN or inf widens the range of its scale
+block to infinity, so that whole block dequantizes to NaN rather than to
+plausible-looking numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.spec import QuantSpec
+
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def resolve_axes(spec: QuantSpec, ndim: int, where: str = "tensor") -> QuantSpec:
+  """Returns `spec` with concrete, non-negative channel / group axes.
+
+  Missing axes default to the Flax kernel layout `(..., in, out)`.
+  Raises a ValueError naming `where` when an axis is out of range.
+  """
+  def norm(axis):
+    if not -ndim <= axis < max(ndim, 1):
+      raise ValueError(
+          f"{where}: axis {axis} is out of range for a tensor of rank {ndim}; "
+          f"use an axis in [{-ndim}, {ndim - 1}]")
+    return axis % max(ndim, 1)
+
+  if spec.granularity == "channel":
+    axes = spec.channel_axes if spec.channel_axes is not None else (-1,)
+    axes = tuple(sorted({norm(a) for a in axes})) if ndim else ()
+    return spec if axes == spec.channel_axes else _replace(spec, channel_axes=axes)
+  if spec.granularity == "group":
+    if ndim == 0:
+      raise ValueError(f"{where}: per-group quantization of a scalar; use "
+                       "granularity='tensor'")
+    axis = spec.group_axis if spec.group_axis is not None else (
+        -2 if ndim >= 2 else 0)
+    return _replace(spec, group_axis=norm(axis))
+  return spec
+
+
+def _replace(spec, **changes):
+  return dataclasses.replace(spec, **changes)
+
+
+def reduction_axes(spec: QuantSpec, ndim: int) -> tuple[int, ...]:
+  """Axes reduced to one scale (for "group": within the grouped view)."""
+  if spec.granularity == "tensor":
+    return tuple(range(ndim))
+  if spec.granularity == "channel":
+    return tuple(a for a in range(ndim) if a not in spec.channel_axes)
+  return (spec.group_axis + 1,)
+
+
+def grouped(x: jax.Array, spec: QuantSpec, where: str = "tensor") -> jax.Array:
+  """Views `x` as (..., n_groups, group_size, ...) along `spec.group_axis`."""
+  axis, size = spec.group_axis, spec.group_size
+  if x.shape[axis] % size:
+    raise ValueError(
+        f"{where}: group_size={size} does not divide axis {axis} of shape "
+        f"{tuple(x.shape)}; pick a group_size that divides {x.shape[axis]}")
+  return x.reshape(x.shape[:axis] + (x.shape[axis] // size, size)
+                   + x.shape[axis + 1:])
+
+
+def data_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+  """(lo, hi) of `x` per scale block, keepdims; `x` already grouped."""
+  axes = reduction_axes(spec, x.ndim - (spec.granularity == "group"))
+  if spec.clip is not None:
+    shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
+    return (jnp.full(shape, spec.clip[0], jnp.float32),
+            jnp.full(shape, spec.clip[1], jnp.float32))
+  x = x.astype(jnp.float32)
+  # A NaN/inf widens its block's range to inf (XLA's max may skip NaNs), so
+  # the block dequantizes to NaN instead of to plausible numbers.
+  finite = jnp.isfinite(x)
+  if spec.symmetric:
+    hi = jnp.max(jnp.where(finite, jnp.abs(x), jnp.inf), axis=axes,
+                 keepdims=True)
+    return -hi, hi
+  return (jnp.min(jnp.where(finite, x, -jnp.inf), axis=axes, keepdims=True),
+          jnp.max(jnp.where(finite, x, jnp.inf), axis=axes, keepdims=True))
+
+
+def scale_from_range(lo, hi, spec: QuantSpec):
+  """Scale and zero point (None when symmetric) for the range [lo, hi]."""
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  if spec.symmetric:
+    top = jnp.maximum(hi, 0.0) if not spec.signed else jnp.maximum(-lo, hi)
+    # Multiply by a reciprocal: XLA rewrites division by a constant that way
+    # under jit, and eager and jitted scales must agree bit for bit.
+    scale = top * np.float32(1.0 / spec.qmax)
+    scale = jnp.where(top > 0, jnp.maximum(scale, _TINY), 1.0)
+    return scale, None
+  step = np.float32(1.0 / (spec.qmax - spec.qmin))
+  width = hi - lo
+  fallback = jnp.where(jnp.abs(lo) > 0, jnp.abs(lo) * step, 1.0)
+  scale = jnp.where(width > 0, jnp.maximum(width * step, _TINY), fallback)
+  zero_point = spec.qmin - lo / scale
+  return scale, zero_point
+
+
+def round_values(v: jax.Array, spec: QuantSpec, key=None) -> jax.Array:
+  """Round-to-nearest-even, or stochastic rounding E[round(v)] = v."""
+  if spec.rounding == "nearest":
+    return jnp.round(v)
+  if key is None:
+    raise ValueError("rounding='stochastic' needs a PRNG key: pass key=")
+  return jnp.floor(v + jax.random.uniform(key, v.shape, v.dtype))
+
+
+def storage_dtype(spec: QuantSpec):
+  return jnp.int8 if spec.signed else jnp.uint8
+
+
+def quantize_with_scale(x, scale, zero_point, spec: QuantSpec, key=None):
+  """Integer values (int8/uint8 storage) of `x` on the grid of `spec`."""
+  v = x.astype(jnp.float32) / scale
+  if zero_point is not None:
+    v = v + zero_point
+  q = jnp.clip(round_values(v, spec, key), spec.qmin, spec.qmax)
+  return q.astype(storage_dtype(spec))
+
+
+def dequantize_with_scale(q, scale, zero_point, dtype=jnp.float32):
+  v = q.astype(jnp.float32)
+  if zero_point is not None:
+    v = v - zero_point
+  return (v * scale).astype(dtype)
+
+
+def check_finite(x, where: str = "tensor") -> None:
+  """Raises ValueError on NaN/inf in a concrete array; no-op under tracing."""
+  if isinstance(x, jax.core.Tracer):
+    return
+  arr = np.asarray(x)
+  if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+    bad = int(np.size(arr) - np.isfinite(arr).sum())
+    raise ValueError(
+        f"{where}: {bad} NaN/inf value(s) cannot be quantized; fix the "
+        "producer of this tensor or replace them (e.g. jnp.nan_to_num)")
+
+
+def fake_quant_with_scale(x, scale, zero_point, spec: QuantSpec, key=None):
+  """quantize -> dequantize, with the straight-through estimator.
+
+  Forward: `(clip(round(x/s + z), qmin, qmax) - z) * s`.
+  Backward: `dx = g` where `x` lies in the representable range
+  `[(qmin - z) s, (qmax - z) s]`, and `0` outside it (clipped elements get
+  no gradient). Scale and zero point are treated as constants.
+  """
+  scale = jax.lax.stop_gradient(scale)
+  zp = None if zero_point is None else jax.lax.stop_gradient(zero_point)
+  lo = (spec.qmin - (0.0 if zp is None else zp)) * scale
+  hi = (spec.qmax - (0.0 if zp is None else zp)) * scale
+  return _ste(x, lo, hi, quantize_dequantize(x, scale, zp, spec, key))
+
+
+def quantize_dequantize(x, scale, zero_point, spec, key=None):
+  q = quantize_with_scale(x, scale, zero_point, spec, key)
+  return dequantize_with_scale(q, scale, zero_point, x.dtype)
+
+
+@jax.custom_vjp
+def _ste(x, lo, hi, x_hat):
+  del x, lo, hi
+  return x_hat
+
+
+def _ste_fwd(x, lo, hi, x_hat):
+  inside = (x >= lo) & (x <= hi)
+  return x_hat, inside
+
+
+def _ste_bwd(inside, g):
+  zeros = jnp.zeros_like(g)
+  return (jnp.where(inside, g, zeros), None, None, zeros)
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)

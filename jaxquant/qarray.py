@@ -1,0 +1,145 @@
+"""`QArray`: a quantized tensor as a pytree, and `quantize` / `dequantize`.
+
+Children (traced): `values` (int8 / uint8, or packed uint8 for int4 and
+int2), `scale` (float32) and `zero_point` (float32, or None when symmetric).
+Aux data (static, hashable): the resolved `spec`, the logical `shape` and
+the `dtype` that `dequantize` returns.
+
+Scales keep the rank of the tensor: size 1 on reduced axes, so
+`(q - z) * s` broadcasts. Per-group scales have `n_groups` on the group
+axis and are applied to the grouped view `(..., n_groups, group_size, ...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import numerics, packing
+from jaxquant.spec import QuantSpec
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized tensor. Build it with `quantize`, read it with `dequantize`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> q = jq.quantize(jnp.linspace(-1, 1, 8).reshape(2, 4), jq.int4())
+    >>> q.shape, q.values.dtype, q.values.shape     # two int4 per byte
+    ((2, 4), dtype('uint8'), (2, 2))
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of values, scales and zero points together."""
+    parts = (self.values, self.scale, self.zero_point)
+    return sum(int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize
+               for p in parts if p is not None)
+
+  def int_values(self) -> jax.Array:
+    """The integer values, unpacked: int8 (signed) or uint8, `self.shape`."""
+    if not self.spec.packed:
+      return self.values
+    return packing.unpack(self.values, self.spec.bits, self.shape,
+                          self.spec.signed)
+
+  def dequantize(self) -> jax.Array:
+    return dequantize(self)
+
+  def __repr__(self):
+    return (f"QArray({self.spec.short()}, shape={self.shape}, "
+            f"dtype={jnp.dtype(self.dtype).name}, nbytes={self.nbytes})")
+
+
+def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
+             where: str = "tensor") -> QArray:
+  """Quantizes `x` to a `QArray` on the grid of `spec`.
+
+  Args:
+    x: a float array.
+    spec: the `QuantSpec`; missing axes default to the `(..., in, out)`
+      kernel layout (see `QuantSpec`).
+    key: PRNG key, required for `rounding="stochastic"`.
+    value_range: optional `(lo, hi)` (e.g. from calibration), broadcastable
+      to the scale; overrides the data range and `spec.clip`.
+    where: a name for error messages (the parameter path).
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{where}: cannot quantize dtype {x.dtype}; "
+                     "only float tensors are quantized")
+  numerics.check_finite(x, where)
+  spec = numerics.resolve_axes(spec, x.ndim, where)
+  view = numerics.grouped(x, spec, where) if spec.granularity == "group" else x
+  lo, hi = value_range if value_range is not None else numerics.data_range(
+      view, spec)
+  scale, zero_point = numerics.scale_from_range(lo, hi, spec)
+  scale = jnp.broadcast_to(scale, _scale_shape(view.shape, spec))
+  if zero_point is not None:
+    zero_point = jnp.broadcast_to(zero_point, scale.shape)
+  q = numerics.quantize_with_scale(view, scale, zero_point, spec, key)
+  q = q.reshape(x.shape)
+  if spec.granularity == "group":  # store without the group_size axis
+    scale = jnp.squeeze(scale, spec.group_axis + 1)
+    if zero_point is not None:
+      zero_point = jnp.squeeze(zero_point, spec.group_axis + 1)
+  if spec.packed:
+    q = packing.pack(q, spec.bits)
+  return QArray(q, scale, zero_point, spec, tuple(x.shape), x.dtype)
+
+
+def _scale_shape(view_shape, spec):
+  axes = numerics.reduction_axes(spec, len(view_shape) - (
+      spec.granularity == "group"))
+  return tuple(1 if a in axes else d for a, d in enumerate(view_shape))
+
+
+def dequantize(q: QArray) -> jax.Array:
+  """The float tensor `(values - zero_point) * scale`, in `q.dtype`."""
+  values = q.int_values()
+  if q.spec.granularity != "group":
+    return numerics.dequantize_with_scale(values, q.scale, q.zero_point,
+                                          q.dtype)
+  axis = q.spec.group_axis
+  view = numerics.grouped(values, q.spec)
+  expand = lambda a: None if a is None else jnp.expand_dims(a, axis + 1)
+  out = numerics.dequantize_with_scale(view, expand(q.scale),
+                                       expand(q.zero_point), q.dtype)
+  return out.reshape(q.shape)
+
+
+def fake_quant(x, spec: QuantSpec, *, key=None, value_range=None):
+  """`dequantize(quantize(x, spec))` with a straight-through gradient.
+
+  The gradient is 1 for elements inside the representable range of their
+  scale block and 0 for clipped ones (see `numerics.fake_quant_with_scale`).
+  """
+  x = jnp.asarray(x)
+  spec = numerics.resolve_axes(spec, x.ndim)
+  view = numerics.grouped(x, spec) if spec.granularity == "group" else x
+  lo, hi = value_range if value_range is not None else numerics.data_range(
+      jax.lax.stop_gradient(view), spec)
+  scale, zero_point = numerics.scale_from_range(lo, hi, spec)
+  out = numerics.fake_quant_with_scale(view, scale, zero_point, spec, key)
+  return out.reshape(x.shape)

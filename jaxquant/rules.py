@@ -1,0 +1,110 @@
+"""`Rule` and `Recipe`: which parameters get which quantization.
+
+A `Recipe` is an ordered list of rules. Each rule's `pattern` is a regex
+matched with `re.fullmatch` against a parameter's '/'-joined path (e.g.
+`params/Dense_0/kernel`); the first rule that matches wins. A rule gives the
+weight spec (`None` keeps the parameter in float) and, for the int8 engine,
+the spec of the activation that meets the weight in a matmul (`None` means
+weight-only, e.g. W4A16). Mixed precision is just several rules.
+
+Example:
+  >>> import jaxquant as jq
+  >>> recipe = jq.Recipe([
+  ...     jq.Rule(r".*embedding", weight=None),            # keep float
+  ...     jq.Rule(r".*Dense_0/kernel", weight=jq.int4(group_size=32)),
+  ...     jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8()),
+  ... ])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Sequence
+
+from jaxquant.spec import QuantSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Quantize parameters whose path fully matches `pattern` with `weight`.
+
+  Attributes:
+    pattern: regex, matched with `re.fullmatch` on the '/'-joined path.
+    weight: spec for the parameter, or None to keep it in float.
+    act: spec for the activation multiplied with it (None: weight-only).
+    optional: if False, a rule that matches nothing is an error.
+  """
+
+  pattern: str
+  weight: QuantSpec | None = None
+  act: QuantSpec | None = None
+  optional: bool = False
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"Rule {self.pattern!r}: not a valid regex ({e})") from e
+    for name in ("weight", "act"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, QuantSpec):
+        raise ValueError(f"Rule {self.pattern!r}: {name} must be a QuantSpec "
+                         f"(e.g. jq.int8()) or None, got {value!r}")
+    if self.weight is None and self.act is not None:
+      raise ValueError(
+          f"Rule {self.pattern!r}: act= without weight= is not supported; "
+          "quantize the weight too (e.g. weight=jq.int8()) or drop act")
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """An ordered tuple of `Rule`s; the first rule matching a path wins."""
+
+  rules: tuple[Rule, ...]
+
+  def __init__(self, rules: Iterable[Rule]):
+    rules = tuple(rules)
+    for rule in rules:
+      if not isinstance(rule, Rule):
+        raise ValueError(f"Recipe takes Rule objects, got {rule!r}")
+    object.__setattr__(self, "rules", rules)
+
+  def match(self, path: str) -> Rule | None:
+    return next((r for r in self.rules if r.matches(path)), None)
+
+  def weight_spec(self, path: str) -> QuantSpec | None:
+    rule = self.match(path)
+    return None if rule is None else rule.weight
+
+  def check_used(self, quantizable: Sequence[str], all_paths: Sequence[str],
+                 what: str = "parameter") -> None:
+    """Raises ValueError for a non-optional rule that matches nothing.
+
+    A rule with a weight spec must be the first match of some path in
+    `quantizable`; a keep-float rule must match some path in `all_paths`.
+    """
+    first = {id(self.match(p)) for p in quantizable}
+    for rule in self.rules:
+      if rule.optional:
+        continue
+      used = (id(rule) in first if rule.weight is not None
+              else any(rule.matches(p) for p in all_paths))
+      if not used:
+        pool = quantizable if rule.weight is not None else all_paths
+        listing = "\n  ".join(pool) or "(none)"
+        raise ValueError(
+            f"Rule {rule.pattern!r} matches no {what}. Fix the pattern or mark "
+            f"it Rule(..., optional=True). Available paths:\n  {listing}")
+
+  def __str__(self):
+    rows = [f"  Rule({r.pattern!r}, weight={_label(r.weight)}, "
+            f"act={_label(r.act)})" for r in self.rules]
+    return "Recipe([\n" + ",\n".join(rows) + "\n])"
+
+
+def _label(spec: QuantSpec | None) -> str:
+  return "float" if spec is None else spec.short()

@@ -1,0 +1,140 @@
+"""`QuantSpec`: how one tensor is quantized.
+
+A spec is a frozen, hashable dataclass, so it can be static data under
+`jax.jit` and a field of `QArray`'s pytree aux data.
+
+Integer grid
+  signed, symmetric:   q in [-(2^(b-1) - 1), 2^(b-1) - 1]   (narrow range, 0 exact)
+  signed, asymmetric:  q in [-2^(b-1),       2^(b-1) - 1]
+  unsigned:            q in [0, 2^b - 1]
+
+Granularity (which elements share one scale)
+  "tensor":  one scale for the whole tensor;
+  "channel": one scale per index of `channel_axes` (reduced over the others);
+  "group":   one scale per run of `group_size` consecutive elements along
+             `group_axis`, and per index of every other axis.
+
+`channel_axes=None` / `group_axis=None` mean "infer": `jq.quantize_params`
+reads them from the model's `dot_general` dimension numbers (the channel axes
+of a weight are its non-contracting axes, groups run along the contraction
+axis); plain `jq.quantize` / `jq.quantize_tree` fall back to the Flax kernel
+layout `(..., in, out)`: channels on the last axis, groups along axis -2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Granularity = Literal["tensor", "channel", "group"]
+Rounding = Literal["nearest", "stochastic"]
+
+MIN_BITS, MAX_BITS = 2, 8
+PACKED_BITS = (2, 4)  # widths stored several per byte
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How to quantize one tensor. See the module docstring for the math.
+
+  Example:
+    >>> import jaxquant as jq
+    >>> jq.QuantSpec(bits=4, granularity="group", group_size=32)
+    QuantSpec(bits=4, ..., group_size=32, ...)
+  """
+
+  bits: int = 8
+  signed: bool = True
+  symmetric: bool = True
+  granularity: Granularity = "channel"
+  channel_axes: tuple[int, ...] | None = None
+  group_size: int | None = None
+  group_axis: int | None = None
+  rounding: Rounding = "nearest"
+  clip: tuple[float, float] | None = None
+
+  def __post_init__(self):
+    if isinstance(self.channel_axes, int):
+      object.__setattr__(self, "channel_axes", (self.channel_axes,))
+    elif self.channel_axes is not None:
+      object.__setattr__(self, "channel_axes", tuple(self.channel_axes))
+    if self.clip is not None:
+      object.__setattr__(self, "clip", tuple(float(c) for c in self.clip))
+    problem = _problem(self)
+    if problem:
+      raise ValueError(f"invalid QuantSpec: {problem}")
+
+  @property
+  def qmin(self) -> int:
+    if not self.signed:
+      return 0
+    half = 2 ** (self.bits - 1)
+    return -(half - 1) if self.symmetric else -half
+
+  @property
+  def qmax(self) -> int:
+    return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+  @property
+  def packed(self) -> bool:
+    """Whether values are stored several per byte (int4: 2, int2: 4)."""
+    return self.bits in PACKED_BITS
+
+  def short(self) -> str:
+    """A compact label such as 'int8/ch', 'int4/g128', 'uint8/t asym'."""
+    kind = {"tensor": "t", "channel": "ch", "group": f"g{self.group_size}"}
+    name = f"{'' if self.signed else 'u'}int{self.bits}/{kind[self.granularity]}"
+    return name + ("" if self.symmetric else " asym")
+
+
+def _problem(spec: QuantSpec) -> str | None:
+  if not isinstance(spec.bits, int) or isinstance(spec.bits, bool) or not (
+      MIN_BITS <= spec.bits <= MAX_BITS):
+    return (f"bits={spec.bits!r}; bits must be an integer in "
+            f"[{MIN_BITS}, {MAX_BITS}] (use jq.int8(), jq.int4() or jq.int2())")
+  if spec.granularity not in ("tensor", "channel", "group"):
+    return (f"granularity={spec.granularity!r}; use 'tensor', 'channel' "
+            "or 'group'")
+  if spec.granularity == "group":
+    if not isinstance(spec.group_size, int) or spec.group_size < 1:
+      return (f"group_size={spec.group_size!r}; per-group quantization needs "
+              "a positive integer group_size (e.g. jq.int4(group_size=128))")
+  elif spec.group_size is not None:
+    return (f"group_size={spec.group_size} with granularity="
+            f"{spec.granularity!r}; set granularity='group' or drop group_size")
+  if spec.rounding not in ("nearest", "stochastic"):
+    return f"rounding={spec.rounding!r}; use 'nearest' or 'stochastic'"
+  if spec.clip is not None:
+    if len(spec.clip) != 2 or not spec.clip[0] < spec.clip[1]:
+      return f"clip={spec.clip!r}; give a range (lo, hi) with lo < hi"
+  if not spec.signed and spec.symmetric and spec.clip and spec.clip[0] < 0:
+    return (f"clip={spec.clip!r} on an unsigned symmetric spec, whose range "
+            "starts at 0; use symmetric=False for a range below 0")
+  return None
+
+
+def _shorthand(bits: int, signed: bool, group_size: int | None, **kwargs):
+  if group_size is not None:
+    kwargs.setdefault("granularity", "group")
+  return QuantSpec(bits=bits, signed=signed, group_size=group_size, **kwargs)
+
+
+def int8(group_size: int | None = None, **kwargs) -> QuantSpec:
+  """Signed symmetric 8-bit, per-channel unless told otherwise."""
+  return _shorthand(8, True, group_size, **kwargs)
+
+
+def uint8(group_size: int | None = None, **kwargs) -> QuantSpec:
+  """Unsigned asymmetric 8-bit (e.g. activations after ReLU)."""
+  kwargs.setdefault("symmetric", False)
+  return _shorthand(8, False, group_size, **kwargs)
+
+
+def int4(group_size: int | None = None, **kwargs) -> QuantSpec:
+  """Signed symmetric 4-bit, stored two per byte."""
+  return _shorthand(4, True, group_size, **kwargs)
+
+
+def int2(group_size: int | None = None, **kwargs) -> QuantSpec:
+  """Signed symmetric 2-bit ({-1, 0, 1}), stored four per byte."""
+  return _shorthand(2, True, group_size, **kwargs)

@@ -1,0 +1,81 @@
+"""Whole-pytree helpers: paths, `quantize_tree`, `dequantize_tree`, `nbytes`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.qarray import QArray, quantize
+from jaxquant.rules import Recipe
+
+
+def is_qarray(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(keypath) -> str:
+  """'/'-joined names of a `jax.tree_util` key path: 'params/Dense_0/kernel'."""
+  return "/".join(key_name(k) for k in keypath)
+
+
+def leaves_with_paths(tree) -> list[tuple[str, Any]]:
+  """(path, leaf) pairs; `QArray`s count as leaves."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
+  return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def is_float_array(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def quantize_tree(params, recipe: Recipe, *, key=None):
+  """Weight-only quantization of every float leaf a rule gives a spec.
+
+  Axes not named in the spec follow the Flax kernel layout `(..., in, out)`
+  (channels last, groups along axis -2); `jq.quantize_params` reads them
+  from the model instead. Non-float leaves are left alone.
+
+  Example:
+    >>> q = jq.quantize_tree(params, jq.Recipe([jq.Rule(".*kernel", jq.int8())]))
+  """
+  paths = leaves_with_paths(params)
+  floats = [p for p, leaf in paths if is_float_array(leaf)]
+  recipe.check_used(floats, [p for p, _ in paths])
+  keys = iter(jax.random.split(key, len(paths))) if key is not None else None
+
+  def visit(keypath, leaf):
+    path = path_str(keypath)
+    leaf_key = next(keys) if keys is not None else None
+    spec = recipe.weight_spec(path)
+    if spec is None or not is_float_array(leaf):
+      return leaf
+    return quantize(leaf, spec, key=leaf_key, where=path)
+
+  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+
+
+def dequantize_tree(tree):
+  """Replaces every `QArray` leaf by its dequantized float array."""
+  return jax.tree_util.tree_map(
+      lambda x: x.dequantize() if is_qarray(x) else x, tree, is_leaf=is_qarray)
+
+
+def nbytes(tree) -> int:
+  """Total bytes of a pytree's arrays; a `QArray` counts its packed storage."""
+  total = 0
+  for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray):
+    if is_qarray(leaf):
+      total += leaf.nbytes
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+  return total
