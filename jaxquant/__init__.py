@@ -1,9 +1,26 @@
 """jaxquant: quantize JAX/Flax models with pure functions."""
 
+from typing import Callable
+
+from jaxquant import qarray as _qarray
+from jaxquant.api import (Report, fake_quant_apply, quantize_params,
+                          quantized_apply, report)
 from jaxquant.checkpoint import load, save
-from jaxquant.qarray import QArray, dequantize, fake_quant, quantize
+from jaxquant.qarray import QArray, dequantize, quantize
 from jaxquant.rules import Recipe, Rule
 from jaxquant.spec import QuantSpec, int2, int4, int8, uint8
 from jaxquant.tree import dequantize_tree, nbytes, quantize_tree
 
 __version__ = "0.1.0"
+
+
+def fake_quant(x_or_apply_fn, spec_or_recipe, **kwargs):
+  """Straight-through fake-quant of an array, or of a whole apply function.
+
+  `fake_quant(x, spec)` returns `dequantize(quantize(x, spec))` with the
+  straight-through gradient; `fake_quant(apply_fn, recipe)` returns an
+  apply function for quantization-aware training (`fake_quant_apply`).
+  """
+  if callable(x_or_apply_fn) and isinstance(spec_or_recipe, Recipe):
+    return fake_quant_apply(x_or_apply_fn, spec_or_recipe, **kwargs)
+  return _qarray.fake_quant(x_or_apply_fn, spec_or_recipe, **kwargs)

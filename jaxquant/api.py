@@ -1,0 +1,276 @@
+"""Public entry points of the transform engine.
+
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  qapply  = jax.jit(jq.quantized_apply(model.apply, recipe))
+  qat     = jq.fake_quant(model.apply, recipe)      # same signature as apply
+  print(jq.report(model.apply, qparams, recipe, x))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxquant import engine, interpreter, layout
+from jaxquant.interpreter import FloatPayload, Tagged, value
+from jaxquant.qarray import QArray, fake_quant as fake_quant_array, quantize
+from jaxquant.rules import Recipe
+from jaxquant.tree import is_float_array, is_qarray, leaves_with_paths
+
+
+# --------------------------------------------------------------------------
+# Tracing once per abstract signature
+
+
+def _is_dynamic(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or (
+      isinstance(x, jax.core.Tracer))
+
+
+def _abstract(x):
+  if is_qarray(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+  """`apply_fn` as a jaxpr over (param leaves, dynamic arg leaves)."""
+
+  jaxpr: Any
+  out_tree: Any
+  paths: tuple[str, ...]
+  param_shapes: tuple[tuple[int, ...], ...]
+  sites: tuple[engine.Site, ...]
+  unmatched: tuple
+
+  def evaluate(self, handler, param_inputs, dyn_args):
+    outs = interpreter.evaluate(self.jaxpr.jaxpr, self.jaxpr.consts,
+                                [*param_inputs, *dyn_args], handler)
+    return jax.tree_util.tree_unflatten(self.out_tree, [value(o) for o in outs])
+
+  def contracted(self) -> dict[str, frozenset]:
+    """Parameter path -> union of its axes contracted by any matmul."""
+    out: dict[str, frozenset] = {}
+    for site in self.sites:
+      out[site.path] = out.get(site.path, frozenset()) | site.param_contract
+    return out
+
+
+def _split_args(args, kwargs):
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  dynamic = tuple(_is_dynamic(l) for l in leaves)
+  return leaves, treedef, dynamic
+
+
+class _Tracer:
+  """Traces `apply_fn` and analyses its matmuls; caches per signature."""
+
+  def __init__(self, apply_fn: Callable):
+    self.apply_fn = apply_fn
+    self._cache: dict = {}
+
+  def __call__(self, params, args, kwargs) -> tuple[Traced, list]:
+    p_flat, p_def = jax.tree_util.tree_flatten_with_path(params,
+                                                         is_leaf=is_qarray)
+    p_leaves = [l for _, l in p_flat]
+    a_leaves, a_def, dynamic = _split_args(args, kwargs)
+    dyn = [l for l, d in zip(a_leaves, dynamic) if d]
+    statics = tuple(l for l, d in zip(a_leaves, dynamic) if not d)
+    p_abs = [_abstract(l) for l in p_leaves]
+    d_abs = [_abstract(l) for l in dyn]
+    key = (p_def, tuple((a.shape, a.dtype) for a in p_abs), a_def, dynamic,
+           tuple((a.shape, a.dtype) for a in d_abs))
+    try:
+      key = hash((key, statics)) and (key, statics)
+    except TypeError:
+      key = None
+    if key is not None and key in self._cache:
+      return self._cache[key], dyn
+    traced = self._trace(p_def, p_flat, p_abs, d_abs, a_leaves, a_def,
+                         dynamic)
+    if key is not None:
+      self._cache[key] = traced
+    return traced, dyn
+
+  def _trace(self, p_def, p_flat, p_abs, d_abs, a_leaves, a_def, dynamic):
+    def flat_fn(p_leaves, dyn_leaves):
+      it = iter(dyn_leaves)
+      full = [next(it) if d else l for l, d in zip(a_leaves, dynamic)]
+      args, kwargs = jax.tree_util.tree_unflatten(a_def, full)
+      return self.apply_fn(jax.tree_util.tree_unflatten(p_def, p_leaves),
+                           *args, **kwargs)
+
+    try:
+      jaxpr, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
+          p_abs, d_abs)
+    except Exception as e:  # report it as a mismatch of params and model
+      raise ValueError(f"the params do not fit apply_fn ({type(e).__name__}: "
+                       f"{e}); pass params with the paths and shapes the "
+                       "model was initialised with") from e
+    paths = tuple(_path(p) for p, _ in p_flat)
+    analysis = engine.AnalyzeHandler()
+    tagged = [Tagged(FloatPayload(a), path, layout.identity_map(len(a.shape)))
+              for a, path in zip(p_abs, paths)]
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    probe = Traced(jaxpr, out_tree, paths, (), (), ())
+    jax.eval_shape(lambda t, d: probe.evaluate(analysis, t, d), tagged, d_abs)
+    return Traced(jaxpr, out_tree, paths, tuple(a.shape for a in p_abs),
+                  tuple(analysis.sites), tuple(analysis.unmatched))
+
+
+def _path(keypath) -> str:
+  from jaxquant.tree import path_str
+  return path_str(keypath)
+
+
+def _tag_inputs(traced: Traced, leaves, make_payload):
+  return [Tagged(make_payload(path, leaf), path, layout.identity_map(
+      np.ndim(leaf) if not is_qarray(leaf) else leaf.ndim))
+          if (is_qarray(leaf) or is_float_array(leaf)) else leaf
+          for path, leaf in zip(traced.paths, leaves)]
+
+
+def _param_leaves(params):
+  return jax.tree_util.tree_leaves(params, is_leaf=is_qarray)
+
+
+# --------------------------------------------------------------------------
+# Public API
+
+
+def _resolved_specs(traced: Traced, recipe: Recipe, leaves) -> dict:
+  """Path -> weight spec with axes read from the model, for dot weights."""
+  contracted = traced.contracted()
+  if not contracted:
+    raise ValueError("apply_fn has no dot_general or conv_general_dilated "
+                     "with a parameter operand: nothing to quantize")
+  all_paths = list(traced.paths)
+  recipe.check_used(sorted(contracted), all_paths, what="matmul parameter")
+  by_path = dict(zip(traced.paths, leaves))
+  specs = {}
+  for path, axes in contracted.items():
+    spec = recipe.weight_spec(path)
+    if spec is not None and is_float_array(by_path[path]):
+      specs[path] = engine.resolve_spec(spec, axes, np.ndim(by_path[path]),
+                                        path)
+  return specs
+
+
+def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
+                    **kwargs):
+  """Quantizes every parameter that `apply_fn` multiplies in a matmul.
+
+  `apply_fn(params, *args, **kwargs)` is traced once, abstractly, to read
+  each weight's contracted axes from the `dot_general` / conv dimension
+  numbers: per-channel scales are per non-contracted axis, groups run along
+  the contraction axis. Returns `params` with `QArray` leaves.
+  """
+  traced, _ = _Tracer(apply_fn)(params, args, kwargs)
+  leaves = _param_leaves(params)
+  specs = _resolved_specs(traced, recipe, leaves)
+  return jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(params, is_leaf=is_qarray),
+      [quantize(leaf, specs[path], where=path) if path in specs else leaf
+       for path, leaf in zip(traced.paths, leaves)])
+
+
+def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
+  """`apply_fn` with int8 matmuls; takes the params from `quantize_params`.
+
+  Weights stay int8 (packed int4 / int2 unpacked on the fly); activations
+  are quantized per row / token (per example for convolutions; per tensor
+  if the act spec says granularity="tensor"); the matmul is
+  `int8 x int8 -> int32` and the rescale follows it. Rules without `act`
+  run weight-only: the weight is dequantized and the float matmul runs.
+  """
+  tracer = _Tracer(apply_fn)
+
+  def run(qparams, *args, **kwargs):
+    traced, dyn = tracer(qparams, args, kwargs)
+    return _run_quantized(traced, recipe, qparams, dyn)[0]
+
+  return run
+
+
+def _run_quantized(traced, recipe, qparams, dyn):
+  handler = engine.QuantizedHandler(recipe)
+
+  def payload(path, leaf):
+    return engine.QuantPayload.of(leaf) if is_qarray(leaf) else FloatPayload(
+        leaf)
+
+  inputs = _tag_inputs(traced, _param_leaves(qparams), payload)
+  return traced.evaluate(handler, inputs, dyn), handler.records
+
+
+def fake_quant_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
+  """`apply_fn` with straight-through fake-quant, for QAT under `jax.jit`.
+
+  Takes float params. Weights the recipe quantizes are fake-quantized with
+  the same (model-read) specs as `quantize_params`; activations entering
+  an int8 matmul are fake-quantized as `quantized_apply` quantizes them.
+  Gradients follow the straight-through estimator (`jq.fake_quant`).
+  """
+  tracer = _Tracer(apply_fn)
+
+  def run(params, *args, **kwargs):
+    traced, dyn = tracer(params, args, kwargs)
+    leaves = _param_leaves(params)
+    specs = _resolved_specs(traced, recipe, leaves)
+    handler = engine.FakeQuantHandler(recipe, specs)
+
+    def payload(path, leaf):
+      return FloatPayload(fake_quant_array(leaf, specs[path])
+                          if path in specs else leaf)
+
+    return traced.evaluate(handler, _tag_inputs(traced, leaves, payload), dyn)
+
+  return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """How each matmul of a model runs under `quantized_apply`."""
+
+  ops: tuple[engine.OpRecord, ...]
+
+  def count(self, mode: str) -> int:
+    return sum(op.mode == mode for op in self.ops)
+
+  def __str__(self):
+    head = ("path", "op", "mode", "weight", "act", "weight shape",
+            "act shape", "note")
+    rows = [(o.path, o.primitive.replace("conv_general_dilated", "conv"),
+             o.mode, o.weight_spec, o.act_spec, str(o.weight_shape),
+             str(o.act_shape), o.reason) for o in self.ops]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(8)]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+    summary = (f"{self.count(engine.INT8)} int8, "
+               f"{self.count(engine.WEIGHT_ONLY)} weight-only, "
+               f"{self.count(engine.FLOAT)} float")
+    return "\n".join([fmt(head), *map(fmt, rows), summary])
+
+
+def report(apply_fn: Callable, params, recipe: Recipe, *args,
+           **kwargs) -> Report:
+  """Which matmuls run int8, weight-only or float, and why.
+
+  `params` may be float (they are quantized with `quantize_params` first)
+  or already quantized. Nothing is computed: the model is traced abstractly.
+  """
+  if not any(is_qarray(l) for l in _param_leaves(params)):
+    params = quantize_params(apply_fn, params, recipe, *args, **kwargs)
+  traced, dyn = _Tracer(apply_fn)(params, args, kwargs)
+  records = []
+
+  def run(qparams, dyn):
+    out, recs = _run_quantized(traced, recipe, qparams, dyn)
+    records.extend(recs)
+    return out
+
+  jax.eval_shape(run, params, dyn)
+  return Report(tuple(records))

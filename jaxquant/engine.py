@@ -1,0 +1,359 @@
+"""The transform engine: quantize, fake-quantize or inspect any `apply`.
+
+`quantize_params`, `quantized_apply`, `fake_quant_apply` and `report` trace
+the user's unmodified `apply_fn(params, *args, **kwargs)` to a jaxpr once per
+abstract signature and evaluate it with `interpreter.evaluate`, handing every
+`dot_general` / `conv_general_dilated` that has a parameter operand to one of
+the handlers below.
+
+Int8 matmul (W8A8), for activation x and weight w with per-row and
+per-output-channel scales:
+
+  x ~ (q_x - z_x) s_x,   w ~ (q_w - z_w) s_w
+  x . w ~ s_x s_w (q_x . q_w - z_x sum_k q_w - z_w sum_k q_x + K z_x z_w)
+
+`q_x . q_w` is one `dot_general(int8, int8, preferred_element_type=int32)`;
+the corrections vanish for symmetric specs (z = 0). This needs `s_w` constant
+along the contracted axes, which is why channel axes are read from the
+dimension numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import interpreter, layout, numerics
+from jaxquant.interpreter import FloatPayload, Tagged, value
+from jaxquant.qarray import QArray, quantize
+from jaxquant.rules import Recipe
+from jaxquant.spec import QuantSpec
+from jaxquant.tree import is_qarray, leaves_with_paths, path_str
+
+INT8, WEIGHT_ONLY, FLOAT = "int8", "weight-only", "float"
+
+
+# --------------------------------------------------------------------------
+# Payloads of the int8 engine
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantPayload:
+  """Integer values and keepdims scales, in the layout of the current value."""
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(metadata=dict(static=True))
+
+  @classmethod
+  def of(cls, q: QArray):
+    if q.spec.granularity == "group":
+      return DequantizedPayload(q.dequantize(), "per-group weight scales")
+    return cls(q.int_values(), q.scale, q.zero_point, q.spec, q.dtype)
+
+  def materialize(self):
+    return numerics.dequantize_with_scale(self.values, self.scale,
+                                          self.zero_point, self.dtype)
+
+  def apply(self, eqn, others):
+    name, params = eqn.primitive.name, eqn.params
+    if name == "convert_element_type":
+      if not jnp.issubdtype(params["new_dtype"], jnp.floating):
+        return None
+      return dataclasses.replace(self, dtype=params["new_dtype"])
+    in_shape = eqn.invars[0].aval.shape
+    out_shape = eqn.outvars[0].aval.shape
+    scale = layout.apply_to_scale(name, params, self.scale, in_shape,
+                                  out_shape, others)
+    zp = self.zero_point
+    if zp is not None:
+      zp = layout.apply_to_scale(name, params, zp, in_shape, out_shape, others)
+    if scale is None or (self.zero_point is not None and zp is None):
+      return None
+    values = eqn.primitive.bind(self.values, *others, **params)
+    return dataclasses.replace(self, values=values, scale=scale, zero_point=zp)
+
+  def stackable(self, length):
+    grow = lambda a: None if a is None else jnp.broadcast_to(
+        a, (length,) + a.shape[1:])
+    return dataclasses.replace(self, scale=grow(self.scale),
+                               zero_point=grow(self.zero_point))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DequantizedPayload(FloatPayload):
+  """A quantized weight that can only run weight-only (dequantized)."""
+
+  reason: str = dataclasses.field(default="", metadata=dict(static=True))
+
+  def apply(self, eqn, others):
+    return dataclasses.replace(self, x=eqn.primitive.bind(self.x, *others,
+                                                          **eqn.params))
+
+
+# --------------------------------------------------------------------------
+# Where a matmul meets a parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """A matmul with a parameter operand, in the terms of its dimensions."""
+
+  path: str
+  primitive: str
+  weight_index: int
+  weight_contract: tuple[int, ...]
+  weight_batch: tuple[int, ...]
+  act_contract: tuple[int, ...]
+  act_batch: tuple[int, ...]
+  param_contract: frozenset
+  weight_shape: tuple[int, ...]
+  act_shape: tuple[int, ...]
+
+
+def find_site(eqn, invals) -> Site | None:
+  """The parameter operand of a dot / conv, or None when there is none."""
+  tagged = [i for i, v in enumerate(invals[:2]) if isinstance(v, Tagged)]
+  if not tagged:
+    return None
+  w = 1 if 1 in tagged else 0
+  a = 1 - w
+  shapes = [v.aval.shape for v in eqn.invars[:2]]
+  if eqn.primitive.name == "dot_general":
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contract, batch = ((lc, rc), (lb, rb))
+    wc, wb, ac, ab = contract[w], batch[w], contract[a], batch[a]
+  else:
+    if w != 1:
+      return None
+    lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+    wc, wb = tuple(rhs_spec[1:]), ()
+    ac, ab = tuple(lhs_spec[1:]), (lhs_spec[0],)
+  axes = invals[w].axes
+  contracted = frozenset().union(*(axes[d] for d in wc))
+  return Site(invals[w].path, eqn.primitive.name, w, tuple(wc), tuple(wb),
+              tuple(ac), tuple(ab), contracted, tuple(shapes[w]),
+              tuple(shapes[a]))
+
+
+def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
+                 path: str) -> QuantSpec:
+  """Fills in the axes a spec left to the model: channels = non-contracted."""
+  if spec.granularity == "channel" and spec.channel_axes is None:
+    spec = dataclasses.replace(spec, channel_axes=tuple(
+        a for a in range(ndim) if a not in contracted))
+  elif spec.granularity == "group" and spec.group_axis is None:
+    if not contracted:
+      raise ValueError(f"{path}: no contraction axis to group along; give "
+                       "group_axis= in the spec")
+    spec = dataclasses.replace(spec, group_axis=max(contracted))
+  return numerics.resolve_axes(spec, ndim, path)
+
+
+_GROUPED = "per-group weight scales"
+_VARYING = "weight scale varies along a contracted axis"
+_CONV_ZP = "zero points in a convolution (padding breaks the correction)"
+
+
+def int_path_problem(site: Site, payload, act_spec) -> str | None:
+  """Why this site cannot run int8 x int8 (None when it can)."""
+  if isinstance(payload, DequantizedPayload):
+    return payload.reason
+  if site.primitive == "conv_general_dilated" and (
+      not act_spec.symmetric or payload.zero_point is not None):
+    return _CONV_ZP
+  if any(payload.scale.shape[d] != 1 for d in site.weight_contract):
+    return _VARYING
+  return None
+
+
+def spec_problem(site: Site, spec: QuantSpec, act_spec) -> str | None:
+  """`int_path_problem` decided from the resolved weight spec alone."""
+  if spec.granularity == "group":
+    return _GROUPED
+  if spec.granularity == "channel" and site.param_contract & set(
+      spec.channel_axes):
+    return _VARYING
+  if site.primitive == "conv_general_dilated" and not (
+      act_spec.symmetric and spec.symmetric):
+    return _CONV_ZP
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRecord:
+  """How one matmul ran: `mode` is 'int8', 'weight-only' or 'float'."""
+
+  path: str
+  primitive: str
+  mode: str
+  reason: str
+  weight_shape: tuple[int, ...]
+  act_shape: tuple[int, ...]
+  weight_spec: str
+  act_spec: str
+
+
+# --------------------------------------------------------------------------
+# Handlers
+
+
+def _bind(eqn, invals):
+  return interpreter._bind(eqn, [value(v) for v in invals])
+
+
+@dataclasses.dataclass
+class AnalyzeHandler:
+  """Records which parameter axes every matmul contracts; computes float."""
+
+  sites: list = dataclasses.field(default_factory=list)
+  unmatched: list = dataclasses.field(default_factory=list)
+
+  def dot(self, eqn, invals):
+    site = find_site(eqn, invals)
+    if site is None:
+      self.unmatched.append((eqn.primitive.name, "parameter is the "
+                             "convolution input, not its kernel"))
+    else:
+      self.sites.append(site)
+    return _bind(eqn, invals)
+
+
+def _act_reduce_axes(site: Site, spec: QuantSpec, ndim: int):
+  if spec.granularity == "tensor":
+    return tuple(range(ndim))
+  return site.act_contract  # per row / token (per example for convs)
+
+
+@dataclasses.dataclass
+class FakeQuantHandler:
+  """Fake-quantizes the activation of every matmul that would run int8."""
+
+  recipe: Recipe
+  specs: dict  # path -> resolved weight spec
+
+  def dot(self, eqn, invals):
+    site = find_site(eqn, invals)
+    rule = None if site is None else self.recipe.match(site.path)
+    if rule is None or rule.act is None or site.path not in self.specs or (
+        spec_problem(site, self.specs[site.path], rule.act)):
+      return _bind(eqn, invals)
+    a = 1 - site.weight_index
+    x = value(invals[a])
+    spec = rule.act
+    lo, hi = numerics.data_range(
+        jax.lax.stop_gradient(x), _as_reduction(spec, _act_reduce_axes(
+            site, spec, x.ndim), x.ndim))
+    scale, zp = numerics.scale_from_range(lo, hi, spec)
+    invals = list(invals)
+    invals[a] = numerics.fake_quant_with_scale(x, scale, zp, spec)
+    return _bind(eqn, invals)
+
+
+def _as_reduction(spec: QuantSpec, reduce_axes, ndim) -> QuantSpec:
+  """A per-channel spec that reduces exactly `reduce_axes` of a tensor."""
+  keep = tuple(a for a in range(ndim) if a not in reduce_axes)
+  return dataclasses.replace(spec, granularity="channel", channel_axes=keep,
+                             group_size=None, group_axis=None)
+
+
+@dataclasses.dataclass
+class QuantizedHandler:
+  """Runs int8 x int8 -> int32 matmuls; records what ran how."""
+
+  recipe: Recipe
+  records: list = dataclasses.field(default_factory=list)
+
+  def dot(self, eqn, invals):
+    site = find_site(eqn, invals)
+    if site is None:
+      self._record(eqn, invals, None, FLOAT, "no parameter kernel operand")
+      return _bind(eqn, invals)
+    payload = invals[site.weight_index].payload
+    rule = self.recipe.match(site.path)
+    if not isinstance(payload, (QuantPayload, DequantizedPayload)):
+      self._record(eqn, invals, site, FLOAT, "parameter not quantized")
+      return _bind(eqn, invals)
+    if rule is None or rule.act is None:
+      self._record(eqn, invals, site, WEIGHT_ONLY, "no activation spec")
+      return _bind(eqn, invals)
+    problem = int_path_problem(site, payload, rule.act)
+    if problem:
+      self._record(eqn, invals, site, WEIGHT_ONLY, problem, rule.act)
+      return _bind(eqn, invals)
+    self._record(eqn, invals, site, INT8, "", rule.act)
+    x = value(invals[1 - site.weight_index])
+    return [int8_matmul(eqn, site, x, payload, rule.act)]
+
+  def _record(self, eqn, invals, site, mode, reason, act_spec=None):
+    payload = None if site is None else invals[site.weight_index].payload
+    wspec = payload.spec.short() if isinstance(payload, QuantPayload) else (
+        "dequantized" if isinstance(payload, DequantizedPayload) else "float")
+    shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
+    self.records.append(OpRecord(
+        site.path if site else "-", eqn.primitive.name, mode, reason,
+        site.weight_shape if site else shapes[1],
+        site.act_shape if site else shapes[0], wspec,
+        act_spec.short() if act_spec else "float"))
+
+
+def _signed(q, zp, spec: QuantSpec):
+  """int8 values (and zero point) for the dot; uint8 is shifted by 128."""
+  if spec.signed:
+    return q, zp
+  shifted = (q.astype(jnp.int16) - 128).astype(jnp.int8)
+  return shifted, (0.0 if zp is None else zp) - 128.0
+
+
+def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
+  """One quantized `dot_general` / `conv_general_dilated` (see module doc)."""
+  w = site.weight_index
+  reduce = _act_reduce_axes(site, act_spec, x.ndim)
+  lo, hi = numerics.data_range(x, _as_reduction(act_spec, reduce, x.ndim))
+  sx, zx = numerics.scale_from_range(lo, hi, act_spec)
+  qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
+                   act_spec)
+  qw, zw = _signed(payload.values, payload.zero_point, payload.spec)
+  operands = (qw, qx) if w == 0 else (qx, qw)
+  params = dict(eqn.params, preferred_element_type=jnp.int32)
+  if "precision" in params:
+    params["precision"] = None
+  acc = eqn.primitive.bind(*operands, **params).astype(jnp.float32)
+  out_ndim = eqn.outvars[0].aval.ndim
+  if site.primitive == "conv_general_dilated":
+    sx_out, sw_out = _conv_scales(eqn, sx, payload.scale, out_ndim)
+    return (acc * sx_out * sw_out).astype(eqn.outvars[0].aval.dtype)
+  to_x = lambda s: layout.to_output_layout(
+      s, site.act_contract, site.act_batch, w == 1,
+      qw.ndim - len(site.weight_contract) - len(site.weight_batch))
+  to_w = lambda s: layout.to_output_layout(
+      s, site.weight_contract, site.weight_batch, w == 0,
+      qx.ndim - len(site.act_contract) - len(site.act_batch))
+  if zx is not None:
+    colsum = jnp.sum(qw, site.weight_contract, jnp.int32, keepdims=True)
+    acc = acc - to_x(jnp.broadcast_to(zx, sx.shape)) * to_w(colsum)
+  if zw is not None:
+    rowsum = jnp.sum(qx, site.act_contract, jnp.int32, keepdims=True)
+    acc = acc - to_w(zw) * to_x(rowsum)
+    if zx is not None:
+      k = layout.contracted_size(qx.shape, site.act_contract)
+      acc = acc + k * to_x(jnp.broadcast_to(zx, sx.shape)) * to_w(zw)
+  return (acc * to_x(sx) * to_w(payload.scale)).astype(
+      eqn.outvars[0].aval.dtype)
+
+
+def _conv_scales(eqn, sx, sw, out_ndim):
+  lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+  x_shape = [1] * out_ndim
+  x_shape[out_spec[0]] = sx.shape[lhs_spec[0]]
+  w_shape = [1] * out_ndim
+  w_shape[out_spec[1]] = sw.shape[rhs_spec[0]]
+  return sx.reshape(x_shape), sw.reshape(w_shape)
