@@ -273,4 +273,24 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
     return out
 
   jax.eval_shape(run, params, dyn)
+  # Matmuls between two activations (attention scores) never reach a handler.
+  for eqn in _untagged_matmuls(traced.jaxpr.jaxpr, traced.sites):
+    shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
+    records.append(engine.OpRecord("-", eqn.primitive.name, engine.FLOAT,
+                                   "no parameter operand", shapes[1],
+                                   shapes[0], "float", "float"))
   return Report(tuple(records))
+
+
+def _untagged_matmuls(jaxpr, sites):
+  """Every dot / conv in `jaxpr` (recursively) that no site was made for."""
+  seen = {site.eqn_id for site in sites}
+  stack, found = [jaxpr], []
+  while stack:
+    for eqn in stack.pop().eqns:
+      if eqn.primitive.name in interpreter.DOT_PRIMITIVES and (
+          id(eqn) not in seen):
+        found.append(eqn)
+      stack.extend(j.jaxpr if hasattr(j, "jaxpr") else j
+                   for j in jax.extend.core.jaxprs_in_params(eqn.params))
+  return found

@@ -117,6 +117,7 @@ class Site:
   param_contract: frozenset
   weight_shape: tuple[int, ...]
   act_shape: tuple[int, ...]
+  eqn_id: int  # id() of the jaxpr equation, to tell sites apart
 
 
 def find_site(eqn, invals) -> Site | None:
@@ -141,7 +142,7 @@ def find_site(eqn, invals) -> Site | None:
   contracted = frozenset().union(*(axes[d] for d in wc))
   return Site(invals[w].path, eqn.primitive.name, w, tuple(wc), tuple(wb),
               tuple(ac), tuple(ab), contracted, tuple(shapes[w]),
-              tuple(shapes[a]))
+              tuple(shapes[a]), id(eqn))
 
 
 def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,

@@ -1,0 +1,243 @@
+"""The transform engine on a model zoo, each against its float model."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxquant as jq
+import zoo
+
+W8A8 = jq.Recipe([jq.Rule(r".*", weight=jq.int8(), act=jq.int8())])
+
+
+def count_int8_ops(fn, *args):
+  """(StableHLO dot/conv with i8 operands, compiled HLO dot/conv on s32)."""
+  lowered = jax.jit(fn).lower(*args)
+  shlo = lowered.as_text()
+  i8 = len(re.findall(r"stablehlo\.(?:dot_general|convolution)[^\n]*"
+                      r"\(tensor<[^>]*xi8>, tensor<[^>]*xi8>\)", shlo))
+  hlo = lowered.compile().as_text()
+  s32 = len(re.findall(r"= s32\[[^\]]*\][^ ]* (?:dot|convolution)\(", hlo))
+  return i8, s32
+
+
+def rel_err(out, ref):
+  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def agreement(out, ref):
+  return float((jnp.argmax(out, -1) == jnp.argmax(ref, -1)).mean())
+
+
+def check_w8a8(apply_fn, params, *args, recipe=W8A8, expect_int8=None):
+  qparams = jq.quantize_params(apply_fn, params, recipe, *args)
+  qapply = jq.quantized_apply(apply_fn, recipe)
+  ref = apply_fn(params, *args)
+  out = jax.jit(qapply)(qparams, *args)
+  assert rel_err(out, ref) < 3e-2
+  assert agreement(out, ref) >= 0.97
+  rep = jq.report(apply_fn, qparams, recipe, *args)
+  n = rep.count("int8")
+  assert n == expect_int8, str(rep)
+  assert count_int8_ops(qapply, qparams, *args) == (n, n)
+  # Fake-quant matches int8 up to float rounding; a rounding difference can
+  # flip an activation by one quantization step, which then propagates.
+  fq = jax.jit(jq.fake_quant(apply_fn, recipe))(params, *args)
+  close = np.isclose(np.asarray(fq), np.asarray(out), rtol=1e-4,
+                     atol=1e-5 * float(jnp.abs(ref).max()))
+  assert close.mean() > 0.95 and rel_err(fq, out) < 3e-3
+  return qparams, rep
+
+
+def test_linen_mlp():
+  model = zoo.MLP()
+  x = jax.random.normal(jax.random.key(1), (256, 64))
+  params = model.init(jax.random.key(0), x)
+  qparams, _ = check_w8a8(model.apply, params, x, expect_int8=3)
+  kernel = qparams["params"]["Dense_0"]["kernel"]
+  assert kernel.scale.shape == (1, 128) and kernel.values.dtype == jnp.int8
+  assert isinstance(qparams["params"]["Dense_0"]["bias"], jax.Array)
+
+
+def test_cnn_with_batchnorm_and_pooling():
+  model = zoo.CNN()
+  x = jax.random.normal(jax.random.key(1), (128, 12, 12, 3))
+  variables = model.init(jax.random.key(0), x)
+  # Non-trivial running statistics, as after training.
+  _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  variables = {**variables, **state}
+  qparams, _ = check_w8a8(model.apply, variables, x, expect_int8=3)
+  assert qparams["params"]["Conv_0"]["kernel"].scale.shape == (1, 1, 1, 16)
+  # Mutable collections pass through the quantized function.
+  qapply = jq.quantized_apply(model.apply, W8A8)
+  out, new_state = qapply(qparams, x, train=True, mutable=["batch_stats"])
+  ref, ref_state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert rel_err(out, ref) < 3e-2
+  mean = new_state["batch_stats"]["BatchNorm_0"]["mean"]
+  assert rel_err(mean, ref_state["batch_stats"]["BatchNorm_0"]["mean"]) < 3e-2
+
+
+def test_transformer_block_with_dense_general_and_einsum():
+  model = zoo.Classifier()
+  x = jax.random.normal(jax.random.key(1), (128, 16, 24))
+  params = model.init(jax.random.key(0), x)
+  qparams, rep = check_w8a8(model.apply, params, x, expect_int8=8)
+  p = qparams["params"]["TransformerBlock_0"]
+  # DenseGeneral kernel (d, heads, f): one scale per (head, feature).
+  assert p["DenseGeneral_0"]["kernel"].scale.shape == (1, 4, 32)
+  # Einsum kernel (heads, f, d) contracts heads and f: one scale per d.
+  assert p["Einsum_0"]["kernel"].scale.shape == (1, 1, 64)
+  # Attention output projection (heads, head_dim, d).
+  assert p["MultiHeadDotProductAttention_0"]["out"]["kernel"].scale.shape == (
+      1, 1, 64)
+  # The attention score and value einsums have no parameter operand.
+  assert rep.count("float") == 2
+
+
+def test_scan_with_remat_stacked_layers():
+  model = zoo.ScannedStack()
+  x = jax.random.normal(jax.random.key(1), (256, 16))
+  params = model.init(jax.random.key(0), x)
+  qparams, _ = check_w8a8(model.apply, params, x, expect_int8=4)
+  body = qparams["params"]["ScanCheckpointScanBody_0"]
+  stacked = body["Dense_1"]["kernel"]  # (layers, in, out): a scale per layer
+  assert stacked.shape == (3, 32, 64) and stacked.scale.shape == (3, 1, 64)
+
+
+def test_nnx_model_through_split_and_merge():
+  model = zoo.NNXMLP(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  apply_fn = lambda state, x: nnx.merge(graphdef, state)(x)
+  x = jax.random.normal(jax.random.key(1), (256, 20))
+  qparams, _ = check_w8a8(apply_fn, state, x, expect_int8=2)
+  paths = [p for p, leaf in jq.tree.leaves_with_paths(qparams)
+           if isinstance(leaf, jq.QArray)]
+  assert len(paths) == 2 and all("kernel" in p for p in paths), paths
+
+
+def test_plain_jax_function():
+  params = zoo.plain_params(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (256, 20))
+  qparams, _ = check_w8a8(zoo.plain_apply, params, x, expect_int8=2)
+  assert qparams["w1"].scale.shape == (1, 64)
+  assert not isinstance(qparams["b1"], jq.QArray)
+
+
+def test_tied_embeddings():
+  model = zoo.TiedLM()
+  ids = jax.random.randint(jax.random.key(1), (64, 8), 0, 50)
+  params = model.init(jax.random.key(0), ids)
+  qparams, rep = check_w8a8(model.apply, params, ids, expect_int8=2)
+  emb = qparams["params"]["Embed_0"]["embedding"]
+  # attend() contracts the feature axis: one scale per vocabulary row, which
+  # is also right for the lookup.
+  assert emb.scale.shape == (50, 1)
+
+
+def test_weight_only_modes_dequantize_and_run_float():
+  model = zoo.MLP()
+  x = jax.random.normal(jax.random.key(1), (64, 64))
+  params = model.init(jax.random.key(0), x)
+  for recipe, bound in [
+      (jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8())]), 1e-2),
+      (jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32))]), 0.2)]:
+    qparams = jq.quantize_params(model.apply, params, recipe, x)
+    qapply = jq.quantized_apply(model.apply, recipe)
+    out = jax.jit(qapply)(qparams, x)
+    assert rel_err(out, model.apply(params, x)) < bound
+    # Exactly the float model on the dequantized weights.
+    dequantized = model.apply(jq.dequantize_tree(qparams), x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dequantized),
+                               rtol=1e-5, atol=1e-5)
+    assert count_int8_ops(qapply, qparams, x) == (0, 0)
+    assert jq.report(model.apply, qparams, recipe, x).count("weight-only") == 3
+  # Groups run along the contraction axis.
+  assert qparams["params"]["Dense_1"]["kernel"].scale.shape == (4, 128)
+
+
+def test_grouped_weights_with_activation_spec_fall_back_and_say_so():
+  model = zoo.MLP()
+  x = jax.random.normal(jax.random.key(1), (16, 64))
+  params = model.init(jax.random.key(0), x)
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32),
+                              act=jq.int8())])
+  rep = jq.report(model.apply, params, recipe, x)
+  assert rep.count("weight-only") == 3
+  assert "per-group weight scales" in str(rep)
+
+
+def test_dropout_rngs_and_kwargs_pass_through():
+  class Drop(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic):
+      x = nn.Dense(32)(x)
+      x = nn.Dropout(0.5)(x, deterministic=deterministic)
+      return nn.Dense(4)(x)
+
+  model = Drop()
+  x = jax.random.normal(jax.random.key(1), (8, 16))
+  params = model.init(jax.random.key(0), x, True)
+  qparams = jq.quantize_params(model.apply, params, W8A8, x, True)
+  qapply = jq.quantized_apply(model.apply, W8A8)
+  rngs = {"dropout": jax.random.key(3)}
+  out = qapply(qparams, x, deterministic=False, rngs=rngs)
+  ref = model.apply(params, x, deterministic=False, rngs=rngs)
+  assert rel_err(out, ref) < 3e-2
+  other = qapply(qparams, x, deterministic=False,
+                 rngs={"dropout": jax.random.key(4)})
+  assert rel_err(other, out) > 0.1  # the key really reached the dropout
+
+
+def test_fake_quant_trains_with_optax_under_jit_and_vmap():
+  model = zoo.MLP()
+  x = jax.random.normal(jax.random.key(1), (32, 64))
+  params = model.init(jax.random.key(0), x)
+  fq = jq.fake_quant(model.apply, jq.Recipe([jq.Rule(
+      r".*kernel", weight=jq.int4(), act=jq.int8())]))
+  grads = jax.jit(jax.grad(lambda p: (fq(p, x) ** 2).mean()))(params)
+  g = grads["params"]["Dense_0"]["kernel"]
+  assert g.shape == (64, 128) and float(jnp.abs(g).sum()) > 0
+  per_example = jax.vmap(fq, in_axes=(None, 0))(params, x[:, None])
+  np.testing.assert_allclose(np.asarray(per_example[:, 0]),
+                             np.asarray(jax.vmap(lambda r: fq(params, r[None])
+                                                 )(x)[:, 0]), rtol=1e-6)
+
+
+def test_rule_matching_no_op_raises_listing_paths():
+  model = zoo.MLP()
+  x = jnp.ones((2, 64))
+  params = model.init(jax.random.key(0), x)
+  recipe = jq.Recipe([jq.Rule(r".*Conv_0/kernel", weight=jq.int8())])
+  with pytest.raises(ValueError, match=r"(?s)Conv_0/kernel' matches no matmul"
+                     r" parameter.*params/Dense_0/kernel"):
+    jq.quantize_params(model.apply, params, recipe, x)
+  # A bias is a parameter but not a matmul operand.
+  recipe = jq.Recipe([jq.Rule(r".*bias", weight=jq.int8())])
+  with pytest.raises(ValueError, match="matches no matmul parameter"):
+    jq.quantize_params(model.apply, params, recipe, x)
+
+
+def test_params_that_do_not_fit_the_model_raise():
+  model = zoo.MLP()
+  x = jnp.ones((2, 64))
+  params = model.init(jax.random.key(0), x)
+  qparams = jq.quantize_params(model.apply, params, W8A8, x)
+  qapply = jq.quantized_apply(model.apply, W8A8)
+  wrong = jax.tree_util.tree_map(lambda a: a, qparams,
+                                 is_leaf=lambda a: isinstance(a, jq.QArray))
+  wrong["params"]["Dense_7"] = wrong["params"].pop("Dense_1")
+  with pytest.raises(ValueError, match="params do not fit apply_fn.*Dense_1"):
+    qapply(wrong, x)
+  with pytest.raises(ValueError, match="params do not fit apply_fn"):
+    qapply(qparams, jnp.ones((2, 63)))
+
+
+def test_model_without_matmul_raises():
+  fn = lambda params, x: jnp.tanh(x * params["scale"])
+  with pytest.raises(ValueError, match="no dot_general or conv_general_dilated"):
+    jq.quantize_params(fn, {"scale": jnp.ones(3)}, W8A8, jnp.ones(3))
