@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -18,7 +19,7 @@ from jaxquant import engine, interpreter, layout
 from jaxquant.interpreter import FloatPayload, Tagged, value
 from jaxquant.qarray import QArray, fake_quant as fake_quant_array, quantize
 from jaxquant.rules import Recipe
-from jaxquant.tree import is_float_array, is_qarray, leaves_with_paths
+from jaxquant.tree import is_float_array, is_qarray, path_str
 
 
 # --------------------------------------------------------------------------
@@ -36,21 +37,31 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
 class Traced:
-  """`apply_fn` as a jaxpr over (param leaves, dynamic arg leaves)."""
+  """`apply_fn` as a jaxpr over (param leaves, dynamic arg leaves).
 
-  jaxpr: Any
-  out_tree: Any
-  paths: tuple[str, ...]
-  param_shapes: tuple[tuple[int, ...], ...]
-  sites: tuple[engine.Site, ...]
-  unmatched: tuple
+  The matmul analysis (`sites`) is run on first use only: `quantized_apply`
+  never needs it, which keeps its tracing cost close to the float model's.
+  """
+
+  def __init__(self, jaxpr, out_tree, paths, param_abstract, dyn_abstract):
+    self.jaxpr, self.out_tree, self.paths = jaxpr, out_tree, paths
+    self._param_abstract, self._dyn_abstract = param_abstract, dyn_abstract
 
   def evaluate(self, handler, param_inputs, dyn_args):
     outs = interpreter.evaluate(self.jaxpr.jaxpr, self.jaxpr.consts,
                                 [*param_inputs, *dyn_args], handler)
     return jax.tree_util.tree_unflatten(self.out_tree, [value(o) for o in outs])
+
+  @functools.cached_property
+  def sites(self) -> tuple[engine.Site, ...]:
+    """Every matmul with a parameter operand, from an abstract evaluation."""
+    analysis = engine.AnalyzeHandler()
+    tagged = [Tagged(FloatPayload(a), path, layout.identity_map(len(a.shape)))
+              for a, path in zip(self._param_abstract, self.paths)]
+    jax.eval_shape(lambda t, d: self.evaluate(analysis, t, d), tagged,
+                   self._dyn_abstract)
+    return tuple(analysis.sites)
 
   def contracted(self) -> dict[str, frozenset]:
     """Parameter path -> union of its axes contracted by any matmul."""
@@ -111,20 +122,9 @@ class _Tracer:
       raise ValueError(f"the params do not fit apply_fn ({type(e).__name__}: "
                        f"{e}); pass params with the paths and shapes the "
                        "model was initialised with") from e
-    paths = tuple(_path(p) for p, _ in p_flat)
-    analysis = engine.AnalyzeHandler()
-    tagged = [Tagged(FloatPayload(a), path, layout.identity_map(len(a.shape)))
-              for a, path in zip(p_abs, paths)]
     out_tree = jax.tree_util.tree_structure(out_shape)
-    probe = Traced(jaxpr, out_tree, paths, (), (), ())
-    jax.eval_shape(lambda t, d: probe.evaluate(analysis, t, d), tagged, d_abs)
-    return Traced(jaxpr, out_tree, paths, tuple(a.shape for a in p_abs),
-                  tuple(analysis.sites), tuple(analysis.unmatched))
-
-
-def _path(keypath) -> str:
-  from jaxquant.tree import path_str
-  return path_str(keypath)
+    return Traced(jaxpr, out_tree, tuple(path_str(p) for p, _ in p_flat),
+                  p_abs, d_abs)
 
 
 def _tag_inputs(traced: Traced, leaves, make_payload):

@@ -10,7 +10,7 @@ import jaxquant as jq
 from jaxquant import observers
 
 
-def _run(obs, batches, jit=True):
+def _run(obs, batches, jit=False):
   state = obs.init(batches[0])
   update = jax.jit(obs.update) if jit else obs.update
   for b in batches:
@@ -18,12 +18,12 @@ def _run(obs, batches, jit=True):
   return state, obs.range(state)
 
 
-def _batches(seed=0, shape=(300, 6), n=4, widen=None):
-  """Normal batches with varying leading size; batch `widen` is 10x wider."""
+def _batches(seed=0, shape=(300, 6), n=4, widen=None, shrink=20):
+  """Normal batches, batch i `shrink * i` shorter; batch `widen` 10x wider."""
   rng = np.random.default_rng(seed)
   out = []
   for i in range(n):
-    b = rng.normal(size=(shape[0] - 40 * i,) + shape[1:]).astype(np.float32)
+    b = rng.normal(size=(shape[0] - shrink * i,) + shape[1:]).astype(np.float32)
     b *= rng.uniform(0.5, 2.0, size=shape[1:]).astype(np.float32)
     out.append(b * (10.0 if i == widen else 1.0))
   return out
@@ -173,8 +173,9 @@ def test_mse_per_channel_and_asymmetric_specs():
     assert abs(float(hi[0, ch]) - best_clip) <= vmax / 100
   # Asymmetric: (lo, hi) shrunk towards 0 together; ReLU-like data (min 0)
   # keeps lo = 0 and clips the top.
+  uint4 = jq.QuantSpec(bits=4, signed=False, symmetric=False)
   for spec, data in ((jq.int4(symmetric=False), x[:, 0] + 1.0),
-                     (jq.uint8(bits=4), np.maximum(x[:, 1], 0.0))):
+                     (uint4, np.maximum(x[:, 1], 0.0))):
     _, (lo, hi) = _run(observers.mse(spec), [data])
     anchor = np.clip(0.0, data.min(), data.max())
     alphas = np.linspace(0.001, 1.0, 1000)
@@ -207,17 +208,19 @@ def test_mse_and_percentile_beat_minmax_on_heavy_tails_at_4_bits():
 
 
 @pytest.mark.parametrize("obs", [
-    observers.minmax(axes=(0,)), observers.ema_minmax(0.8),
+    observers.minmax(axes=(1,)), observers.ema_minmax(0.8),
     observers.percentile(99.0, bins=64, axes=(1,)),
     observers.percentile(99.0, bins=64, symmetric=False),
     observers.mse(jq.int4(), bins=64, candidates=20, axes=(1,)),
-    observers.mse(jq.uint8(), bins=64)], ids=lambda o: o.update.__qualname__)
+    observers.mse(jq.uint8(), bins=64)], ids=["minmax", "ema", "percentile",
+                                              "percentile-asym", "mse", "mse-u8"])
 def test_jit_and_no_jit_agree(obs):
-  batches = _batches(seed=2, shape=(100, 5), widen=1)
+  batches = _batches(seed=2, shape=(100, 5), n=3, widen=1, shrink=0)
   eager_state, eager = _run(obs, batches, jit=False)
   jit_state = obs.init(batches[0])
+  update = jax.jit(obs.update)
   for b in batches:
-    jit_state = jax.jit(obs.update)(jit_state, b)
+    jit_state = update(jit_state, b)
   chex.assert_trees_all_close(eager_state, jit_state, rtol=1e-6)
   chex.assert_trees_all_close(eager, jax.jit(obs.range)(jit_state),
                               rtol=1e-6)
@@ -276,3 +279,19 @@ def test_bad_batches_raise():
     obs.update(state, jnp.zeros((8, 4)).at[0, 0].set(jnp.nan))
   with pytest.raises(ValueError, match="float tensors"):
     obs.update(state, jnp.zeros((8, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("value", [0.0, 5.0, 1e-30])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_after_a_constant_first_batch(value, symmetric):
+  """A zero-width first histogram still widens to any later range."""
+  first = np.full((100, 3), value, np.float32)
+  later = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
+  x = np.concatenate([first, 100 * later])
+  state, (lo, hi) = _run(observers.percentile(99.0, bins=256,
+                                              symmetric=symmetric),
+                         [first, 100 * later])
+  ref = (np.percentile(np.abs(x), 99.0) if symmetric
+         else np.percentile(x, 99.5))
+  assert abs(float(hi[0, 0]) - ref) <= float(state.width[0, 0]) < 5.0
+  assert int(state.counts.sum()) == x.size

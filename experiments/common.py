@@ -1,0 +1,102 @@
+"""Small helpers shared by the experiment scripts: output files and metrics.
+
+  out = results_dir("bitwidth_sweep")            # results/bitwidth_sweep/
+  write_table(rows, out / "results.md")          # rows: list of dicts
+  write_json({"rows": rows}, out / "results.json")
+  save_figure(fig, out / "plot.png")
+  sqnr_db(x, x_hat)                              # 10 log10(sum x^2 / sum (x - x_hat)^2)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+
+def results_dir(name: str, out=None) -> Path:
+  """`out` if given, else `results/<name>/`; created if missing."""
+  path = Path(out) if out is not None else Path("results") / name
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def _cell(value) -> str:
+  if isinstance(value, (float, np.floating)):
+    return "nan" if math.isnan(value) else f"{value:.2f}"
+  return str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+  """A markdown table; columns in first-seen key order, floats to 2 places."""
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  lines = ["| " + " | ".join(columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |"
+            for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], path, title: str | None = None) -> str:
+  """Writes `rows` as a markdown table (under `# title` if given)."""
+  text = format_table(rows)
+  if title:
+    text = f"# {title}\n\n{text}"
+  Path(path).write_text(text)
+  return text
+
+
+def _jsonable(obj):
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, (np.ndarray, np.generic)) or hasattr(obj, "__array__"):
+    return _jsonable(np.asarray(obj).tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)  # JSON has no nan / inf
+  return obj
+
+
+def write_json(obj, path) -> None:
+  """JSON with NumPy / JAX arrays as lists, nan and inf as strings."""
+  Path(path).write_text(json.dumps(_jsonable(obj), indent=1) + "\n")
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+  """Saves and closes a matplotlib figure (Agg backend)."""
+  import matplotlib.pyplot as plt
+  fig.savefig(path, dpi=dpi, bbox_inches="tight")
+  plt.close(fig)
+
+
+def sqnr_db(reference, approx) -> float:
+  """Signal-to-quantization-noise ratio, 10 log10(sum ref^2 / sum err^2).
+
+  `reference` / `approx` may be arrays or equal-length lists of arrays
+  (summed over all of them). inf when the error is exactly zero.
+  """
+  if isinstance(reference, (list, tuple)):
+    ref = np.concatenate([np.asarray(r, np.float64).ravel() for r in reference])
+    app = np.concatenate([np.asarray(a, np.float64).ravel() for a in approx])
+  else:
+    ref = np.asarray(reference, np.float64)
+    app = np.asarray(approx, np.float64)
+  noise = np.sum((ref - app) ** 2)
+  if noise == 0:
+    return math.inf
+  return float(10 * np.log10(np.sum(ref**2) / noise))
+
+
+def progress(iterable, desc: str | None = None, **kwargs):
+  """tqdm progress bar on a terminal (stderr), silent otherwise."""
+  kwargs.setdefault("disable", not sys.stderr.isatty())
+  return tqdm(iterable, desc=desc, leave=False, **kwargs)
