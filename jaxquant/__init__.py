@@ -5,6 +5,7 @@ from typing import Callable
 from jaxquant import qarray as _qarray
 from jaxquant.api import (Report, fake_quant_apply, quantize_params,
                           quantized_apply, report)
+from jaxquant.calibration import Stats, calibrate
 from jaxquant.checkpoint import load, save
 from jaxquant.qarray import QArray, dequantize, quantize
 from jaxquant.rules import Recipe, Rule

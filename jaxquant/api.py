@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxquant import engine, interpreter, layout
+from jaxquant import engine, interpreter, layout, numerics
 from jaxquant.interpreter import FloatPayload, Tagged, value
 from jaxquant.qarray import QArray, fake_quant as fake_quant_array, quantize
 from jaxquant.rules import Recipe
@@ -161,21 +161,51 @@ def _resolved_specs(traced: Traced, recipe: Recipe, leaves) -> dict:
 
 
 def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
-                    **kwargs):
+                    stats=None, **kwargs):
   """Quantizes every parameter that `apply_fn` multiplies in a matmul.
 
   `apply_fn(params, *args, **kwargs)` is traced once, abstractly, to read
   each weight's contracted axes from the `dot_general` / conv dimension
   numbers: per-channel scales are per non-contracted axis, groups run along
   the contraction axis. Returns `params` with `QArray` leaves.
+
+  With `stats` from `jq.calibrate`, each weight whose rule has an `act` spec
+  also stores a static (per-tensor) activation scale, and a zero point for
+  asymmetric specs: `quantized_apply` then clips with it instead of reducing
+  over the activation at run time. For inputs that are never negative
+  (after a ReLU) `act=jq.uint8()` uses all 256 levels on [min, max].
   """
   traced, _ = _Tracer(apply_fn)(params, args, kwargs)
   leaves = _param_leaves(params)
   specs = _resolved_specs(traced, recipe, leaves)
+  if stats is not None:
+    stats.check_model(traced.paths, [np.shape(l) for l in leaves])
+
+  def quantized(path, leaf):
+    q = quantize(leaf, specs[path], where=path)
+    act = recipe.match(path).act
+    if stats is None or act is None:
+      return q
+    return _with_static_act(q, path, act, stats)
+
   return jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(params, is_leaf=is_qarray),
-      [quantize(leaf, specs[path], where=path) if path in specs else leaf
+      [quantized(path, leaf) if path in specs else leaf
        for path, leaf in zip(traced.paths, leaves)])
+
+
+def _with_static_act(q: QArray, path, act, stats) -> QArray:
+  if path not in stats.states:
+    raise ValueError(
+        f"{path}: no calibration statistics for its activation (calibrated "
+        "with another recipe, or the matmul sits inside a while loop or "
+        "cond); calibrate with this recipe or drop act= for this rule")
+  lo, hi = stats.act_range(path)
+  act = dataclasses.replace(act, granularity="tensor", channel_axes=None,
+                            group_size=None, group_axis=None, clip=None)
+  scale, zero_point = numerics.scale_from_range(lo, hi, act)
+  return dataclasses.replace(q, act_scale=scale, act_zero_point=zero_point,
+                             act_spec=act)
 
 
 def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:

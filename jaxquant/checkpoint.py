@@ -78,13 +78,20 @@ def _array(x, where):
           "shape": list(arr.shape), "data": arr.tobytes()}
 
 
+def _optional(x, where):
+  return None if x is None else _array(x, where)
+
+
 def _encode(x, where):
   if isinstance(x, QArray):
     return {"t": "qarray", "spec": dataclasses.asdict(x.spec),
             "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name,
             "values": _array(x.values, where), "scale": _array(x.scale, where),
-            "zero_point": None if x.zero_point is None else _array(
-                x.zero_point, where)}
+            "zero_point": _optional(x.zero_point, where),
+            "act_scale": _optional(x.act_scale, where),
+            "act_zero_point": _optional(x.act_zero_point, where),
+            "act_spec": None if x.act_spec is None else dataclasses.asdict(
+                x.act_spec)}
   if isinstance(x, Mapping):
     for k in x:
       if not isinstance(k, str):
@@ -113,20 +120,26 @@ def _decode_array(d, where):
   return jnp.asarray(np.frombuffer(d["data"], dtype).reshape(shape))
 
 
+def _spec(fields) -> QuantSpec:
+  fields = dict(fields)
+  for name in ("channel_axes", "clip"):
+    if fields.get(name) is not None:
+      fields[name] = tuple(fields[name])
+  return QuantSpec(**fields)
+
+
 def _decode(d, where):
   kind = d["t"]
   if kind == "array":
     return _decode_array(d, where)
   if kind == "qarray":
-    spec = dict(d["spec"])
-    for name in ("channel_axes", "clip"):
-      if spec.get(name) is not None:
-        spec[name] = tuple(spec[name])
-    zp = d["zero_point"]
+    optional = lambda k: None if d.get(k) is None else _decode_array(d[k],
+                                                                     where)
     return QArray(_decode_array(d["values"], where),
-                  _decode_array(d["scale"], where),
-                  None if zp is None else _decode_array(zp, where),
-                  QuantSpec(**spec), tuple(d["shape"]), jnp.dtype(d["dtype"]))
+                  _decode_array(d["scale"], where), optional("zero_point"),
+                  _spec(d["spec"]), tuple(d["shape"]), jnp.dtype(d["dtype"]),
+                  optional("act_scale"), optional("act_zero_point"),
+                  None if d.get("act_spec") is None else _spec(d["act_spec"]))
   if kind == "dict":
     return {k: _decode(v, f"{where}/{k}") for k, v in d["items"].items()}
   if kind in ("list", "tuple"):

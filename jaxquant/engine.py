@@ -51,12 +51,17 @@ class QuantPayload:
   zero_point: jax.Array | None
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(metadata=dict(static=True))
+  act_scale: jax.Array | None = None  # static activation quantization
+  act_zero_point: jax.Array | None = None
+  act_spec: QuantSpec | None = dataclasses.field(
+      default=None, metadata=dict(static=True))
 
   @classmethod
   def of(cls, q: QArray):
     if q.spec.granularity == "group":
       return DequantizedPayload(q.dequantize(), "per-group weight scales")
-    return cls(q.int_values(), q.scale, q.zero_point, q.spec, q.dtype)
+    return cls(q.int_values(), q.scale, q.zero_point, q.spec, q.dtype,
+               q.act_scale, q.act_zero_point, q.act_spec)
 
   def materialize(self):
     return numerics.dequantize_with_scale(self.values, self.scale,
@@ -83,8 +88,16 @@ class QuantPayload:
   def stackable(self, length):
     grow = lambda a: None if a is None else jnp.broadcast_to(
         a, (length,) + a.shape[1:])
-    return dataclasses.replace(self, scale=grow(self.scale),
-                               zero_point=grow(self.zero_point))
+    # A per-layer activation scale has shape (layers,); a shared one ().
+    grow_act = lambda a: None if a is None or a.ndim else jnp.broadcast_to(
+        a, (length,))
+    return dataclasses.replace(
+        self, scale=grow(self.scale), zero_point=grow(self.zero_point),
+        act_scale=grow_act(self.act_scale) if self.act_scale is not None and (
+            self.act_scale.ndim == 0) else self.act_scale,
+        act_zero_point=grow_act(self.act_zero_point)
+        if self.act_zero_point is not None and self.act_zero_point.ndim == 0
+        else self.act_zero_point)
 
 
 @jax.tree_util.register_dataclass
@@ -118,6 +131,7 @@ class Site:
   weight_shape: tuple[int, ...]
   act_shape: tuple[int, ...]
   eqn_id: int  # id() of the jaxpr equation, to tell sites apart
+  batch_groups: int = 1  # a convolution's batch_group_count
 
 
 def find_site(eqn, invals) -> Site | None:
@@ -142,7 +156,8 @@ def find_site(eqn, invals) -> Site | None:
   contracted = frozenset().union(*(axes[d] for d in wc))
   return Site(invals[w].path, eqn.primitive.name, w, tuple(wc), tuple(wb),
               tuple(ac), tuple(ab), contracted, tuple(shapes[w]),
-              tuple(shapes[a]), id(eqn))
+              tuple(shapes[a]), id(eqn),
+              eqn.params.get("batch_group_count", 1))
 
 
 def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
@@ -161,7 +176,7 @@ def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
 
 _GROUPED = "per-group weight scales"
 _VARYING = "weight scale varies along a contracted axis"
-_CONV_ZP = "zero points in a convolution (padding breaks the correction)"
+_CONV_ZP = "asymmetric weights in a convolution"
 
 
 def int_path_problem(site: Site, payload, act_spec) -> str | None:
@@ -169,8 +184,10 @@ def int_path_problem(site: Site, payload, act_spec) -> str | None:
   if isinstance(payload, DequantizedPayload):
     return payload.reason
   if site.primitive == "conv_general_dilated" and (
-      not act_spec.symmetric or payload.zero_point is not None):
+      payload.zero_point is not None):
     return _CONV_ZP
+  if site.batch_groups != 1:
+    return "batch_group_count > 1"
   if any(payload.scale.shape[d] != 1 for d in site.weight_contract):
     return _VARYING
   return None
@@ -183,8 +200,7 @@ def spec_problem(site: Site, spec: QuantSpec, act_spec) -> str | None:
   if spec.granularity == "channel" and site.param_contract & set(
       spec.channel_axes):
     return _VARYING
-  if site.primitive == "conv_general_dilated" and not (
-      act_spec.symmetric and spec.symmetric):
+  if site.primitive == "conv_general_dilated" and not spec.symmetric:
     return _CONV_ZP
   return None
 
@@ -225,6 +241,21 @@ class AnalyzeHandler:
                              "convolution input, not its kernel"))
     else:
       self.sites.append(site)
+    return _bind(eqn, invals)
+
+
+@dataclasses.dataclass
+class ObserveHandler:
+  """Emits the activation operand of every matmul a rule quantizes."""
+
+  recipe: Recipe
+  sides: list = dataclasses.field(default_factory=list)
+
+  def dot(self, eqn, invals):
+    site = find_site(eqn, invals)
+    rule = None if site is None else self.recipe.match(site.path)
+    if rule is not None and rule.weight is not None:
+      self.sides.append((site.path, 0, value(invals[1 - site.weight_index])))
     return _bind(eqn, invals)
 
 
@@ -314,14 +345,27 @@ def _signed(q, zp, spec: QuantSpec):
   return shifted, (0.0 if zp is None else zp) - 128.0
 
 
+def static_act(payload) -> bool:
+  """Whether calibrated activation scales apply at this (scan) depth."""
+  return (isinstance(payload, QuantPayload) and payload.act_scale is not None
+          and payload.act_scale.ndim == 0)
+
+
 def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   """One quantized `dot_general` / `conv_general_dilated` (see module doc)."""
   w = site.weight_index
-  reduce = _act_reduce_axes(site, act_spec, x.ndim)
-  lo, hi = numerics.data_range(x, _as_reduction(act_spec, reduce, x.ndim))
-  sx, zx = numerics.scale_from_range(lo, hi, act_spec)
+  if static_act(payload):  # calibrated: clip, no reduction over x
+    act_spec = payload.act_spec
+    sx, zx = payload.act_scale, payload.act_zero_point
+  else:
+    reduce = _act_reduce_axes(site, act_spec, x.ndim)
+    lo, hi = numerics.data_range(x, _as_reduction(act_spec, reduce, x.ndim))
+    sx, zx = numerics.scale_from_range(lo, hi, act_spec)
   qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
                    act_spec)
+  sx = jnp.broadcast_to(sx, (1,) * x.ndim)  if sx.ndim == 0 else sx
+  if zx is not None:
+    zx = jnp.broadcast_to(zx, sx.shape)
   qw, zw = _signed(payload.values, payload.zero_point, payload.spec)
   operands = (qw, qx) if w == 0 else (qx, qw)
   params = dict(eqn.params, preferred_element_type=jnp.int32)
@@ -331,6 +375,15 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   out_ndim = eqn.outvars[0].aval.ndim
   if site.primitive == "conv_general_dilated":
     sx_out, sw_out = _conv_scales(eqn, sx, payload.scale, out_ndim)
+    if zx is not None:
+      # sum of q_w over the window taps that fall inside the image (padding
+      # contributes 0, not z_x): the same conv on a one-example tensor of 1s.
+      shape = list(qx.shape)
+      shape[eqn.params["dimension_numbers"][0][0]] = 1
+      ones = jnp.ones(shape, jnp.int8)
+      taps = eqn.primitive.bind(ones, qw, **params).astype(jnp.float32)
+      zx_out, _ = _conv_scales(eqn, zx, payload.scale, out_ndim)
+      acc = acc - zx_out * taps
     return (acc * sx_out * sw_out).astype(eqn.outvars[0].aval.dtype)
   to_x = lambda s: layout.to_output_layout(
       s, site.act_contract, site.act_batch, w == 1,
@@ -340,13 +393,13 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
       qx.ndim - len(site.act_contract) - len(site.act_batch))
   if zx is not None:
     colsum = jnp.sum(qw, site.weight_contract, jnp.int32, keepdims=True)
-    acc = acc - to_x(jnp.broadcast_to(zx, sx.shape)) * to_w(colsum)
+    acc = acc - to_x(zx) * to_w(colsum)
   if zw is not None:
     rowsum = jnp.sum(qx, site.act_contract, jnp.int32, keepdims=True)
     acc = acc - to_w(zw) * to_x(rowsum)
     if zx is not None:
       k = layout.contracted_size(qx.shape, site.act_contract)
-      acc = acc + k * to_x(jnp.broadcast_to(zx, sx.shape)) * to_w(zw)
+      acc = acc + k * to_x(zx) * to_w(zw)
   return (acc * to_x(sx) * to_w(payload.scale)).astype(
       eqn.outvars[0].aval.dtype)
 

@@ -14,11 +14,14 @@ derivatives survive). Those with one are re-entered: `pjit`, `closed_call`,
 rules are then replaced by the derivative of their primal computation),
 `checkpoint` is re-wrapped in `jax.checkpoint`, and `scan`, `while` and
 `cond` are rebuilt with `lax.scan`, `lax.while_loop` and `lax.switch`,
-passing tagged payloads through as pytrees.
+passing tagged payloads through as pytrees. Side values a handler emits
+(observed activations) leave `checkpoint` and `scan` (stacked per step);
+inside `while` and `cond` they are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Protocol
 
@@ -77,7 +80,31 @@ class FloatPayload:
 
 
 class Handler(Protocol):
+  """Rewrites matmuls. A handler may also keep `sides`, a list of
+  `(key, depth, array)` it emits while evaluating (the observe mode does);
+  values emitted inside a `scan` come out stacked, with `depth` + 1."""
+
   def dot(self, eqn, invals: list) -> list: ...
+
+
+@contextlib.contextmanager
+def _side_scope(handler):
+  """Collects the side values emitted inside a traced sub-function."""
+  outer = getattr(handler, "sides", None)
+  inner: list = []
+  if outer is not None:
+    handler.sides = inner
+  try:
+    yield inner
+  finally:
+    if outer is not None:
+      handler.sides = outer
+
+
+def _emit(handler, inner, values, extra_depth):
+  if inner:
+    handler.sides.extend((key, depth + extra_depth, v) for (key, depth, _), v
+                         in zip(inner, values))
 
 
 def value(v):
@@ -156,9 +183,19 @@ def _plain(values):
 
 def _remat(eqn, invals, handler):
   jaxpr = eqn.params["jaxpr"]
-  fn = lambda *args: _plain(evaluate(jaxpr, (), args, handler))
-  return jax.checkpoint(fn, prevent_cse=eqn.params.get("prevent_cse", True),
-                        policy=eqn.params.get("policy"))(*invals)
+  inner = []
+
+  def fn(*args):
+    with _side_scope(handler) as sides:
+      out = _plain(evaluate(jaxpr, (), args, handler))
+    inner[:] = sides
+    return out, [v for _, _, v in sides]
+
+  out, side_values = jax.checkpoint(
+      fn, prevent_cse=eqn.params.get("prevent_cse", True),
+      policy=eqn.params.get("policy"))(*invals)
+  _emit(handler, inner, side_values, 0)
+  return out
 
 
 def _scan(eqn, invals, handler):
@@ -168,14 +205,20 @@ def _scan(eqn, invals, handler):
   carry = _plain(invals[n_consts:n_consts + n_carry])
   xs = [_stackable(v, p["length"]) for v in invals[n_consts + n_carry:]]
 
+  inner = []
+
   def body(c, x):
     x = [_unstack(v) for v in x]
-    out = evaluate(closed.jaxpr, closed.consts, [*consts, *c, *x], handler)
-    out = _plain(out)
-    return out[:n_carry], out[n_carry:]
+    with _side_scope(handler) as sides:
+      out = _plain(evaluate(closed.jaxpr, closed.consts, [*consts, *c, *x],
+                            handler))
+    inner[:] = sides
+    return out[:n_carry], (out[n_carry:], [v for _, _, v in sides])
 
-  carry_out, ys = lax.scan(body, carry, xs, length=p["length"],
-                           reverse=p["reverse"], unroll=p["unroll"])
+  carry_out, (ys, side_values) = lax.scan(
+      body, carry, xs, length=p["length"], reverse=p["reverse"],
+      unroll=p["unroll"])
+  _emit(handler, inner, side_values, 1)
   return [*carry_out, *ys]
 
 
@@ -200,12 +243,14 @@ def _while(eqn, invals, handler):
   init = _plain(invals[nc + nb:])
 
   def cond_fn(c):
-    return value(evaluate(cond.jaxpr, cond.consts, [*cond_consts, *c],
-                          handler)[0])
+    with _side_scope(handler):
+      return value(evaluate(cond.jaxpr, cond.consts, [*cond_consts, *c],
+                            handler)[0])
 
   def body_fn(c):
-    return _plain(evaluate(body.jaxpr, body.consts, [*body_consts, *c],
-                           handler))
+    with _side_scope(handler):  # a loop of unknown length: not observed
+      return _plain(evaluate(body.jaxpr, body.consts, [*body_consts, *c],
+                             handler))
 
   return lax.while_loop(cond_fn, body_fn, init)
 
@@ -214,7 +259,10 @@ def _cond(eqn, invals, handler):
   index, ops = value(invals[0]), invals[1:]
 
   def branch(closed):
-    return lambda *args: _plain(evaluate(closed.jaxpr, closed.consts,
-                                         list(args), handler))
+    def run(*args):
+      with _side_scope(handler):  # branches differ: not observed
+        return _plain(evaluate(closed.jaxpr, closed.consts, list(args),
+                               handler))
+    return run
 
   return lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops)

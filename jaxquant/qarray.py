@@ -41,6 +41,13 @@ class QArray:
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+  # Static activation quantization of the matmul this weight feeds, from
+  # calibration (`jq.quantize_params(..., stats=...)`); None: dynamic.
+  # Shape () or, for `nn.scan`-stacked weights, (layers,).
+  act_scale: jax.Array | None = None
+  act_zero_point: jax.Array | None = None
+  act_spec: QuantSpec | None = dataclasses.field(
+      default=None, metadata=dict(static=True))
 
   @property
   def ndim(self) -> int:
@@ -53,7 +60,8 @@ class QArray:
   @property
   def nbytes(self) -> int:
     """Bytes of values, scales and zero points together."""
-    parts = (self.values, self.scale, self.zero_point)
+    parts = (self.values, self.scale, self.zero_point, self.act_scale,
+             self.act_zero_point)
     return sum(int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize
                for p in parts if p is not None)
 
