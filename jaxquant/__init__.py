@@ -3,13 +3,15 @@
 from typing import Callable
 
 from jaxquant import qarray as _qarray
+from jaxquant.analysis import (LayerReport, auto_recipe, layer_report,
+                               sensitivity)
 from jaxquant.api import (Report, fake_quant_apply, quantize_params,
                           quantized_apply, report)
 from jaxquant.calibration import Stats, calibrate
 from jaxquant.checkpoint import load, save
 from jaxquant.qarray import QArray, dequantize, quantize
 from jaxquant.rules import Recipe, Rule
-from jaxquant.spec import QuantSpec, int2, int4, int8, uint8
+from jaxquant.spec import QuantSpec, int2, int3, int4, int8, uint8
 from jaxquant.tree import dequantize_tree, nbytes, quantize_tree
 
 __version__ = "0.1.0"

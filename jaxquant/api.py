@@ -285,13 +285,17 @@ class Report:
     return "\n".join([fmt(head), *map(fmt, rows), summary])
 
 
-def report(apply_fn: Callable, params, recipe: Recipe, *args,
-           **kwargs) -> Report:
+def report(apply_fn: Callable, params=None, recipe: Recipe | None = None,
+           *args, **kwargs):
   """Which matmuls run int8, weight-only or float, and why.
 
   `params` may be float (they are quantized with `quantize_params` first)
   or already quantized. Nothing is computed: the model is traced abstractly.
+  `report(stats)` instead tabulates calibrated activation ranges; for
+  per-layer SQNR and figures see `jq.layer_report`.
   """
+  if hasattr(apply_fn, "table") and params is None:  # calibration Stats
+    return apply_fn.table()
   if not any(is_qarray(l) for l in _param_leaves(params)):
     params = quantize_params(apply_fn, params, recipe, *args, **kwargs)
   traced, dyn = _Tracer(apply_fn)(params, args, kwargs)

@@ -49,6 +49,14 @@ class Stats:
     keep = lo.shape[:self.depth[path]]
     return lo.reshape(keep), hi.reshape(keep)
 
+  def table(self) -> "RangeTable":
+    """Per layer: the calibrated activation range (per layer of a scan)."""
+    rows = []
+    for path in self.states:
+      lo, hi = (np.asarray(a) for a in self.act_range(path))
+      rows.append((path, float(lo.min()), float(hi.max()), lo.size))
+    return RangeTable(tuple(rows), self.num_batches)
+
   def check_model(self, paths, shapes) -> None:
     """Raises ValueError when `params` are not those of the stats' model."""
     given = dict(zip(paths, shapes))
@@ -58,6 +66,22 @@ class Stats:
             f"stats come from another model: {path} has shape "
             f"{given.get(path, 'missing')} here, {shape} when calibrated; "
             "calibrate again with these params")
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeTable:
+  """`jq.report(stats)`: (path, lo, hi, ranges kept) rows, printable."""
+
+  rows: tuple[tuple[str, float, float, int], ...]
+  num_batches: int
+
+  def __str__(self):
+    width = max([len("layer")] + [len(r[0]) for r in self.rows])
+    lines = [f"{'layer':<{width}}  {'act min':>10}  {'act max':>10}  ranges",
+             *(f"{p:<{width}}  {lo:>10.4g}  {hi:>10.4g}  {n}"
+               for p, lo, hi, n in self.rows),
+             f"({self.num_batches} batches observed)"]
+    return "\n".join(lines)
 
 
 def _as_args(batch) -> tuple:

@@ -118,7 +118,8 @@ def scale_from_range(lo, hi, spec: QuantSpec):
     return scale, None
   step = np.float32(1.0 / (spec.qmax - spec.qmin))
   width = hi - lo
-  fallback = jnp.where(jnp.abs(lo) > 0, jnp.abs(lo) * step, 1.0)
+  fallback = jnp.where(jnp.abs(lo) > 0,
+                       jnp.maximum(jnp.abs(lo) * step, _TINY), 1.0)
   scale = jnp.where(width > 0, jnp.maximum(width * step, _TINY), fallback)
   zero_point = spec.qmin - lo / scale
   return scale, zero_point

@@ -453,6 +453,15 @@ def _mse_search(state: HistogramState, qmin, qmax, *, mode, candidates):
   vmin, vmax = state.min.reshape(-1), state.max.reshape(-1)
   bin_width = state.width.reshape(-1, 1)
   anchor = jnp.clip(0.0, vmin, vmax)
+  # The smallest and largest values are known exactly: take them out of
+  # their bins as point masses (they matter most when clipping).
+  bins = counts.shape[1]
+  total = counts.sum(axis=1)
+  has_max, has_min = (total >= 1)[:, None], (total >= 2)[:, None]
+  first = jnp.argmax(counts > 0, axis=1)
+  last = bins - 1 - jnp.argmax(counts[:, ::-1] > 0, axis=1)
+  onehot = lambda i: jax.nn.one_hot(i, bins, dtype=counts.dtype)
+  counts = counts - has_max * onehot(last) - has_min * onehot(first)
 
   def grid(alpha):
     """Clip range (lo, hi) and the grid (start, end, step) it gives."""
@@ -469,7 +478,13 @@ def _mse_search(state: HistogramState, qmin, qmax, *, mode, candidates):
   def error(alpha):
     _, _, start, end, step = grid(alpha)
     step = jnp.where(step > 0, step, 1.0)
-    return _expected_error(counts, edges, start, end, step, bin_width)
+    points = jnp.stack([vmin, vmax], axis=1)
+    point_error = _error_at(points, start[:, None], end[:, None],
+                            step[:, None])
+    point_error = jnp.sum(point_error * jnp.concatenate(
+        [has_min, has_max], axis=1), axis=1)
+    return _expected_error(counts, edges, start, end, step,
+                           bin_width) + point_error
 
   alphas = jnp.arange(1, candidates + 1, dtype=jnp.float32) / candidates
   errors = jax.lax.map(error, alphas)            # (candidates, C)
@@ -491,7 +506,9 @@ def mse(spec: QuantSpec, bins: int = 2048, candidates: int = 100,
     e(x) = x - g_0  or  x - g_n          outside             (clipping)
   and the expected error is sum_b n_b mean_{x in bin b} e(x)^2, taking the
   values of bin b as uniform over it (in closed form, see
-  `_error_integral`; no s^2 / 12 approximation, which fails for s > bin).
+  `_error_integral`; no s^2 / 12 approximation, which fails for s > bin),
+  except the observed min and max, which count as values at exactly those
+  points.
 
   Candidates by spec:
     signed symmetric:   (-c, c), c = alpha max|x|, grid step c / qmax

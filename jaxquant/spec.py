@@ -30,7 +30,6 @@ Granularity = Literal["tensor", "channel", "group"]
 Rounding = Literal["nearest", "stochastic"]
 
 MIN_BITS, MAX_BITS = 2, 8
-PACKED_BITS = (2, 4)  # widths stored several per byte
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +76,8 @@ class QuantSpec:
 
   @property
   def packed(self) -> bool:
-    """Whether values are stored several per byte (int4: 2, int2: 4)."""
-    return self.bits in PACKED_BITS
+    """Whether values are bit-packed (every width below 8 bits)."""
+    return self.bits < 8
 
   def short(self) -> str:
     """A compact label such as 'int8/ch', 'int4/g128', 'uint8/t asym'."""
@@ -133,6 +132,11 @@ def uint8(group_size: int | None = None, **kwargs) -> QuantSpec:
 def int4(group_size: int | None = None, **kwargs) -> QuantSpec:
   """Signed symmetric 4-bit, stored two per byte."""
   return _shorthand(4, True, group_size, **kwargs)
+
+
+def int3(group_size: int | None = None, **kwargs) -> QuantSpec:
+  """Signed symmetric 3-bit ({-3..3}), eight values in three bytes."""
+  return _shorthand(3, True, group_size, **kwargs)
 
 
 def int2(group_size: int | None = None, **kwargs) -> QuantSpec:

@@ -10,7 +10,7 @@ import jaxquant as jq
 from jaxquant import packing
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 9), (4, 16)])
 def test_packing_round_trip(bits, signed, shape):
@@ -33,6 +33,8 @@ def test_int4_tree_takes_about_an_eighth_of_float32():
   ratio = q.nbytes / x.nbytes
   assert 0.125 <= ratio < 0.135, ratio
   assert jq.quantize(x, jq.int2()).values.shape == (512, 64)
+  assert jq.quantize(x, jq.int3()).values.shape == (512, 96)  # 3 bits each
+  assert jq.quantize(x, jq.QuantSpec(bits=6)).values.shape == (512, 192)
   assert jq.quantize(x, jq.int8()).nbytes / x.nbytes == pytest.approx(
       0.25, abs=0.01)
 
@@ -45,6 +47,15 @@ def test_qarray_is_a_pytree_with_static_spec():
   out = jax.jit(lambda a: a.dequantize())(q)
   chex.assert_trees_all_close(out, q.dequantize())
   assert q.shape == (3, 4) and q.dtype == jnp.float32 and q.ndim == 2
+
+
+def test_bit_stream_layout_matches_the_documented_bit_positions():
+  q = jnp.array([[1, -2, 3, 0, -1]], jnp.int8)  # 3-bit two's complement
+  packed = np.asarray(packing.pack(q, 3))[0]
+  stream = "".join(f"{v & 7:03b}"[::-1] for v in [1, -2, 3, 0, -1])
+  stream += "0" * (-len(stream) % 8)
+  expected = [int(stream[i:i + 8][::-1], 2) for i in range(0, len(stream), 8)]
+  np.testing.assert_array_equal(packed, expected)
 
 
 def test_odd_sizes_and_negatives_survive_int2_storage():

@@ -1,0 +1,343 @@
+"""Per-layer analysis: ranges and SQNR, sensitivity, automatic mixed precision.
+
+  rep = jq.layer_report(model.apply, params, recipe, x, stats=stats)
+  print(rep); rep.plot("figures/")            # text table and PNG figures
+  sens = jq.sensitivity(model.apply, params, recipe, x, metric=accuracy)
+  recipe = jq.auto_recipe(model.apply, params, x, budget_bytes=20_000)
+
+SQNR (dB) = 10 log10(sum y^2 / sum (y - y_q)^2). The output SQNR of a layer
+compares its matmul output computed with quantized weights and activations
+against the float matmul, on the same float input (every other layer stays
+float), so layers are measured in isolation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import engine
+from jaxquant.api import (_param_leaves, _resolved_specs, _tag_inputs,
+                          _Tracer, quantize_params, quantized_apply)
+from jaxquant.interpreter import FloatPayload, Tagged, value
+from jaxquant.qarray import QArray
+from jaxquant.rules import Recipe, Rule
+from jaxquant.spec import QuantSpec, int2, int3, int4, int8
+from jaxquant.tree import is_qarray, nbytes
+
+
+def sqnr_db(reference, approx) -> float:
+  reference = jnp.asarray(reference, jnp.float32)
+  noise = jnp.sum((reference - jnp.asarray(approx, jnp.float32)) ** 2)
+  return float(10 * jnp.log10(jnp.sum(reference**2) / jnp.maximum(
+      noise, 1e-30)))
+
+
+# --------------------------------------------------------------------------
+# Per-layer report
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _PairPayload:
+  """The float weight and its quantized form, moved through layout ops."""
+
+  float: FloatPayload
+  quant: object
+
+  def materialize(self):
+    return self.float.materialize()
+
+  def apply(self, eqn, others):
+    f, q = self.float.apply(eqn, others), self.quant.apply(eqn, others)
+    return None if q is None else _PairPayload(f, q)
+
+  def stackable(self, length):
+    return _PairPayload(self.float, self.quant.stackable(length))
+
+
+@dataclasses.dataclass
+class _CompareHandler:
+  """Emits (path, output SQNR, activation) per matmul; continues in float."""
+
+  recipe: Recipe
+  sides: list = dataclasses.field(default_factory=list)
+
+  def dot(self, eqn, invals):
+    site = engine.find_site(eqn, invals)
+    exact = engine._bind(eqn, invals)
+    if site is None or not isinstance(invals[site.weight_index].payload,
+                                      _PairPayload):
+      return exact
+    pair = invals[site.weight_index].payload
+    rule = self.recipe.match(site.path)
+    x = value(invals[1 - site.weight_index])
+    quant = pair.quant
+    if rule.act is not None and not engine.int_path_problem(site, quant,
+                                                            rule.act):
+      approx = engine.int8_matmul(eqn, site, x, quant, rule.act)
+    else:
+      w = Tagged(FloatPayload(quant.materialize()), site.path,
+                 invals[site.weight_index].axes)
+      swapped = list(invals)
+      swapped[site.weight_index] = w
+      approx = engine._bind(eqn, swapped)[0]
+    y = exact[0].astype(jnp.float32)
+    noise = jnp.sum((y - approx.astype(jnp.float32)) ** 2)
+    self.sides.append((site.path, 0, jnp.stack([jnp.sum(y**2), noise])))
+    self.sides.append((site.path + "#act", 0, x))
+    return exact
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+  path: str
+  weight_spec: str
+  act_spec: str
+  weight_range: tuple[float, float]
+  weight_clip: float          # largest |value| representable by any scale
+  act_range: tuple[float, float] | None   # calibrated, when stats given
+  act_clip: tuple[float, float] | None    # static clip range, when stats given
+  weight_sqnr: float
+  output_sqnr: float
+  param_share: float
+  byte_share: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  """Per-layer ranges, clips, bits and SQNR; `plot(folder)` draws figures."""
+
+  rows: tuple[LayerRow, ...]
+  weights: dict      # path -> float weight (numpy), for the histograms
+  quantized: dict    # path -> QArray
+  activations: dict  # path -> one batch of the activation (numpy)
+
+  def __str__(self):
+    head = ("layer", "weight", "act", "w range", "w clip", "act range",
+            "act clip", "w SQNR", "out SQNR", "params", "bytes")
+    fmt_range = lambda r: "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
+    rows = [(r.path, r.weight_spec, r.act_spec, fmt_range(r.weight_range),
+             f"{r.weight_clip:.3g}", fmt_range(r.act_range),
+             fmt_range(r.act_clip), f"{r.weight_sqnr:.1f} dB",
+             f"{r.output_sqnr:.1f} dB", f"{100 * r.param_share:.1f}%",
+             f"{100 * r.byte_share:.1f}%") for r in self.rows]
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+    return "\n".join([line(head), *map(line, rows)])
+
+  def plot(self, folder) -> list:
+    """Saves `weights.png`, `activations.png` and `sqnr.png`; their paths."""
+    from jaxquant import plots
+    return plots.layer_figures(self, folder)
+
+
+def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
+                 stats=None, **kwargs) -> LayerReport:
+  """Per quantized layer: ranges, clips, bits, weight and output SQNR.
+
+  `params` are float; they are quantized with `quantize_params` (with
+  `stats`, activations use the static calibrated scales).
+  """
+  qparams = quantize_params(apply_fn, params, recipe, *args, stats=stats,
+                            **kwargs)
+  traced, dyn = _Tracer(apply_fn)(params, args, kwargs)
+  leaves = _param_leaves(params)
+  qleaves = dict(zip(traced.paths, _param_leaves(qparams)))
+
+  def payload(path, leaf):
+    q = qleaves[path]
+    if not is_qarray(q):
+      return FloatPayload(leaf)
+    return _PairPayload(FloatPayload(leaf), engine.QuantPayload.of(q))
+
+  keys = []
+
+  def run(params, dyn):
+    handler = _CompareHandler(recipe)
+    traced.evaluate(handler, _tag_inputs(traced, _param_leaves(params),
+                                         payload), dyn)
+    keys[:] = [key for key, _, _ in handler.sides]
+    return [v for _, _, v in handler.sides]
+
+  values = jax.jit(run)(params, dyn)
+  power, acts = {}, {}
+  for key, v in zip(keys, values):
+    if key.endswith("#act"):
+      acts.setdefault(key[:-4], np.asarray(v))
+    else:
+      power[key] = power.get(key, 0) + np.asarray(v)
+  total_params = sum(int(np.size(l)) for l in leaves)
+  total_bytes = nbytes(qparams)
+  rows, weights, quantized = [], {}, {}
+  for path, leaf in zip(traced.paths, leaves):
+    q = qleaves[path]
+    if not is_qarray(q) or path not in power:
+      continue
+    w = np.asarray(leaf, np.float32)
+    signal, noise = power[path]
+    act_range = act_clip = None
+    if stats is not None and path in stats.states:
+      lo, hi = (np.asarray(a) for a in stats.act_range(path))
+      act_range = (float(lo.min()), float(hi.max()))
+      if q.act_scale is not None:
+        s = np.asarray(q.act_scale)
+        z = 0.0 if q.act_zero_point is None else np.asarray(q.act_zero_point)
+        spec = q.act_spec
+        act_clip = (float(np.min((spec.qmin - z) * s)),
+                    float(np.max((spec.qmax - z) * s)))
+    rows.append(LayerRow(
+        path, q.spec.short(),
+        "float" if recipe.match(path).act is None else (
+            q.act_spec or recipe.match(path).act).short(),
+        (float(w.min()), float(w.max())),
+        float(np.max(np.asarray(q.scale)) * q.spec.qmax),
+        act_range, act_clip, sqnr_db(w, q.dequantize()),
+        float(10 * np.log10(signal / max(noise, 1e-30))),
+        w.size / total_params, q.nbytes / total_bytes))
+    weights[path], quantized[path] = w, q
+  return LayerReport(tuple(rows), weights, quantized, acts)
+
+
+# --------------------------------------------------------------------------
+# Sensitivity and automatic mixed precision
+
+
+def _only(path: str, spec: QuantSpec | None, act) -> Recipe:
+  rules = [Rule(re.escape(path), weight=spec, act=act if spec else None)]
+  return Recipe(rules + [Rule(r".*", weight=None, optional=True)])
+
+
+def _default_metric(reference):
+  return lambda outputs: sqnr_db(reference, outputs)
+
+
+def _outputs(apply_fn, params, recipe, args, kwargs):
+  qparams = quantize_params(apply_fn, params, recipe, *args, **kwargs)
+  out = jax.jit(quantized_apply(apply_fn, recipe))(qparams, *args, **kwargs)
+  return out, qparams
+
+
+def sensitivity(apply_fn: Callable, params, recipe: Recipe, *args,
+                metric: Callable | None = None, all_but_one: bool = False,
+                **kwargs) -> dict[str, float]:
+  """How much quantizing each layer alone (or all but it) changes a metric.
+
+  `metric(outputs) -> float`, higher is better (pass `-loss` for a loss;
+  e.g. `lambda logits: (logits.argmax(-1) == y).mean()`). Returns, per
+  quantized layer, `metric(float) - metric(quantized)`: the drop. Without a
+  metric, the output SQNR against float is measured and the returned value
+  is the quantization noise power relative to the output power
+  (`10^(-SQNR/10)`), which adds up across layers.
+  """
+  reference = apply_fn(params, *args, **kwargs)
+  traced, _ = _Tracer(apply_fn)(params, args, kwargs)
+  specs = _resolved_specs(traced, recipe, _param_leaves(params))
+  drops = {}
+  for path in specs:
+    if all_but_one:
+      rules = [Rule(re.escape(path), weight=None)] + list(recipe.rules)
+      layer_recipe = Recipe(rules)
+    else:
+      rule = recipe.match(path)
+      layer_recipe = _only(path, rule.weight, rule.act)
+    out, _ = _outputs(apply_fn, params, layer_recipe, args, kwargs)
+    drops[path] = _drop(metric, reference, out)
+  return drops
+
+
+def _drop(metric, reference, out) -> float:
+  if metric is None:
+    return 10 ** (-sqnr_db(reference, out) / 10)
+  return float(metric(reference)) - float(metric(out))
+
+
+DEFAULT_CANDIDATES = (int8(), QuantSpec(bits=6), QuantSpec(bits=5), int4(), int3(),
+                      int2(), None)
+
+
+def auto_recipe(apply_fn: Callable, params, *args, budget_bytes: int,
+                candidates: Sequence[QuantSpec | None] = DEFAULT_CANDIDATES,
+                act: QuantSpec | None = None, metric: Callable | None = None,
+                **kwargs) -> Recipe:
+  """Chooses a weight spec per layer minimising the metric drop in a budget.
+
+  Each layer is quantized alone with each candidate (None = keep float) to
+  measure its drop (see `sensitivity`) and its bytes. The per-layer choices
+  minimise the summed drop subject to total parameter bytes (the whole tree,
+  non-matmul parameters included) <= `budget_bytes`: an exact
+  multiple-choice knapsack by dynamic programming over bytes rounded up to
+  1/1000 of the budget. The choice and every uniform recipe that fits the
+  budget are then measured together, and the best is returned (so the
+  result never loses to a uniform width of the same size). The result is an
+  ordinary `Recipe`: print it, edit it.
+  """
+  reference = apply_fn(params, *args, **kwargs)
+  traced, _ = _Tracer(apply_fn)(params, args, kwargs)
+  leaves = dict(zip(traced.paths, _param_leaves(params)))
+  paths = sorted(traced.contracted())
+  fixed = nbytes(params) - sum(_float_bytes(leaves[p]) for p in paths)
+  options = {}
+  for path in paths:
+    options[path] = []
+    for spec in candidates:
+      recipe = _only(path, spec, act)
+      out, qparams = _outputs(apply_fn, params, recipe, args, kwargs)
+      size = nbytes(qparams) - nbytes(params) + _float_bytes(leaves[path])
+      options[path].append((spec, size, _drop(metric, reference, out)))
+  choice = _knapsack(options, budget_bytes - fixed)
+  if choice is None:
+    smallest = fixed + sum(min(o[1] for o in opts) for opts in options.values())
+    raise ValueError(f"budget_bytes={budget_bytes} is below the smallest "
+                     f"reachable size {smallest}; raise the budget or add "
+                     "narrower candidates")
+  proposals = [_recipe(choice, act)]
+  for spec in candidates:
+    if fixed + sum(_size_of(options[p], spec) for p in paths) <= budget_bytes:
+      proposals.append(_recipe({p: spec for p in paths}, act))
+  scored = []
+  for recipe in proposals:
+    out, _ = _outputs(apply_fn, params, recipe, args, kwargs)
+    scored.append((_drop(metric, reference, out), len(scored), recipe))
+  return min(scored)[2]
+
+
+def _float_bytes(leaf) -> int:
+  return int(np.size(leaf)) * jnp.dtype(leaf.dtype).itemsize
+
+
+def _size_of(opts, spec):
+  return next(size for s, size, _ in opts if s == spec)
+
+
+def _knapsack(options: dict, budget: int):
+  """Path -> spec minimising the summed drop with summed size <= budget."""
+  if budget <= 0:
+    return None
+  unit = max(1, math.ceil(budget / 1000))
+  cap = budget // unit
+  best = {0: (0.0, {})}  # used units -> (drop, choice)
+  for path, opts in options.items():
+    nxt = {}
+    for used, (drop, choice) in best.items():
+      for spec, size, d in opts:
+        u = used + math.ceil(size / unit)
+        if u <= cap and (u not in nxt or drop + d < nxt[u][0]):
+          nxt[u] = (drop + d, {**choice, path: spec})
+    best = nxt
+  if not best:
+    return None
+  return min(best.values(), key=lambda t: t[0])[1]
+
+
+def _recipe(choice: dict, act) -> Recipe:
+  return Recipe([Rule(re.escape(path), weight=spec,
+                      act=act if spec is not None else None)
+                 for path, spec in choice.items()]
+                + [Rule(r".*", weight=None, optional=True)])
