@@ -2,15 +2,17 @@
 
 Variants are interleaved in rounds; each round times every variant once
 (median of a few calls) and the reported figure is the median over rounds
-of the per-round ratio to the float baseline. Also reports the raw s8 dot
-floor and tracing + compile time.
+of the per-round ratio to the float baseline. Also reports a QAT step, the
+raw s8 dot floor, tracing + compile time and, with `--peers`, Qwix and AQT
+on the same model and inputs.
 
-  python -m experiments.bench [--quick] [--rounds N] [--out DIR]
+  python -m experiments.bench [--quick] [--peers] [--rounds N] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -18,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jaxquant as jq
-from experiments import common
+from experiments import common, peers
 
 W8A8 = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8())])
 
@@ -83,17 +86,60 @@ def compile_ratio(fn, args, base_fn, base_args, rounds: int) -> float:
       for _ in range(rounds))
 
 
-def bench_model(name, model, x, rounds, calls):
+def bench_model(name, model, x, rounds, calls, with_peers=False):
+  """Inference: jaxquant W8A8 (and Qwix / AQT) time over float time."""
   params = model.init(jax.random.key(0), x)
   qparams = jq.quantize_params(model.apply, params, W8A8, x)
   qapply = jq.quantized_apply(model.apply, W8A8)
   variants = {"float": (jax.jit(model.apply), (params, x)),
-              "w8a8": (jax.jit(qapply), (qparams, x))}
+              "jaxquant": (jax.jit(qapply), (qparams, x))}
+  if with_peers:
+    variants.update(_peer_variants(model, params, x))
   ratios = compare(variants, rounds, calls)
-  trace_ratio = compile_ratio(qapply, (qparams, x), model.apply, (params, x),
-                              rounds)
-  return {"model": name, "w8a8 / float time": round(ratios["w8a8"], 3),
-          "compile w8a8 / float": round(trace_ratio, 2)}
+  row = {"model": name, "task": "W8A8 inference"}
+  row.update({f"{k} / float": round(v, 3) for k, v in ratios.items()
+              if k != "float"})
+  row["compile jaxquant / float"] = round(compile_ratio(
+      qapply, (qparams, x), model.apply, (params, x), max(1, rounds // 3)), 2)
+  return row
+
+
+def _peer_variants(model, params, x):
+  found = peers.available()
+  out = {}
+  if found["qwix"]:
+    fn, qp = peers.qwix_w8a8(model, params, x)
+    out["qwix"] = (jax.jit(fn), (qp, x))
+  if found["aqt"] and isinstance(model, MLP):
+    fn, p = peers.aqt_w8a8(model.hidden, 2, params, x)
+    out["aqt"] = (jax.jit(fn), (p, x))
+  return out
+
+
+def bench_qat(name, model, x, rounds, calls, with_peers=False):
+  """One SGD step with fake-quant (W8A8) over one float step."""
+  params = model.init(jax.random.key(0), x)
+
+  def step_of(apply_fn):
+    def loss(p):
+      logits = apply_fn(p, x)
+      labels = jnp.zeros(logits.shape[:-1], jnp.int32)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+    return jax.jit(lambda p: jax.tree_util.tree_map(
+        lambda a, g: a - 1e-3 * g, p, jax.grad(loss)(p)))
+
+  variants = {"float": (step_of(model.apply), (params,)),
+              "jaxquant": (step_of(jq.fake_quant(model.apply, W8A8)),
+                           (params,))}
+  if with_peers and peers.available()["aqt"] and isinstance(model, MLP):
+    fn, p = peers.aqt_w8a8(model.hidden, 2, params, x)
+    variants["aqt"] = (step_of(fn), (p,))
+  ratios = compare(variants, rounds, calls)
+  row = {"model": name, "task": "QAT step"}
+  row.update({f"{k} / float": round(v, 3) for k, v in ratios.items()
+              if k != "float"})
+  return row
 
 
 def raw_dot_floor(m, k, n, rounds, calls):
@@ -111,30 +157,44 @@ def raw_dot_floor(m, k, n, rounds, calls):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--peers", action="store_true",
+                      help="also time Qwix and AQT (pip install qwix aqtp)")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   rounds, calls = (3, 3) if args.quick else (args.rounds, 5)
-  scale = 4 if args.quick else 1
-  rows = [
-      bench_model("MLP 784-1024-1024-10, batch 256", MLP(1024 // scale),
-                  jnp.ones((256 // scale, 784)), rounds, calls),
-      bench_model("Transformer block d512 ff2048 seq128 batch8",
-                  Block(512 // scale, 8, 2048 // scale),
-                  jax.random.normal(jax.random.key(0), (8 // min(scale, 8),
-                                                        128 // scale,
-                                                        512 // scale)),
-                  rounds, calls),
-  ]
-  floor = raw_dot_floor(256 // scale, 1024 // scale, 1024 // scale, rounds,
-                        calls)
-  rows.append({"model": "raw s8 dot 256x1024x1024", "w8a8 / float time":
-               round(floor, 3), "compile w8a8 / float": ""})
+  shrink = 4 if args.quick else 1
+  mlp = MLP(1024 // shrink)
+  mlp_x = jnp.ones((256 // shrink, 784))
+  block = Block(512 // shrink, 8, 2048 // shrink)
+  block_x = jax.random.normal(jax.random.key(0), (8 // shrink, 128 // shrink,
+                                                  512 // shrink))
+  mlp_name = "MLP 784-1024-1024-10, batch 256"
+  block_name = "Transformer block d512 ff2048 seq128 batch8"
+  if args.quick:
+    mlp_name, block_name = mlp_name + " (quick: /4)", block_name + " (quick: /4)"
+  rows = []
+  for task in common.progress([
+      lambda: bench_model(mlp_name, mlp, mlp_x, rounds, calls, args.peers),
+      lambda: bench_model(block_name, block, block_x, rounds, calls,
+                          args.peers),
+      lambda: bench_qat(mlp_name, mlp, mlp_x, rounds, calls, args.peers),
+      lambda: bench_qat(block_name, block, block_x, rounds, calls)],
+                              "benchmarks"):
+    rows.append(task())
+  m, k, n = 256 // shrink, 1024 // shrink, 1024 // shrink
+  rows.append({"model": f"raw dot {m}x{k}x{n}", "task": "s8 x s8 -> s32",
+               "jaxquant / float": round(raw_dot_floor(m, k, n, rounds, calls),
+                                         3)})
   out = common.results_dir("bench", args.out)
+  columns = ["model", "task", "jaxquant / float", "qwix / float",
+             "aqt / float", "compile jaxquant / float"]
+  rows = [{c: row.get(c, "") for c in columns} for row in rows]
   common.write_table(rows, out / "results.md")
-  common.write_json({"device": jax.devices()[0].device_kind, "rows": rows},
-                    out / "results.json")
-  print(open(out / "results.md").read())
+  common.write_json({"device": jax.devices()[0].device_kind,
+                     "cpu_count": os.cpu_count(), "rounds": rounds,
+                     "rows": rows}, out / "results.json")
+  print((out / "results.md").read_text())
   return rows
 
 
