@@ -90,6 +90,19 @@ def main(argv=None):
     acc = accuracy(model.apply, jq.dequantize_tree(qparams), x_test, y_test)
     print(f"{'weights ' + name:<28}{acc:>10.4f}{jq.nbytes(qparams):>14,}")
 
+  # Real int8 execution: int8 weights, activations with calibrated scales.
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.uint8())])
+  stats = jq.calibrate(model.apply, params, [x_train[i:i + 128] for i in
+                                             range(0, 512, 128)], recipe)
+  qparams = jq.quantize_params(model.apply, params, recipe, x_test,
+                               stats=stats)
+  qapply = jax.jit(jq.quantized_apply(model.apply, recipe))
+  acc = accuracy(qapply, qparams, x_test, y_test)
+  print(f"{'W8A8 int8 matmuls (static)':<28}{acc:>10.4f}"
+        f"{jq.nbytes(qparams):>14,}")
+  print()
+  print(jq.report(model.apply, qparams, recipe, x_test))
+
 
 if __name__ == "__main__":
   main()

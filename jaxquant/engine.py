@@ -321,7 +321,11 @@ class QuantizedHandler:
     if problem:
       self._record(eqn, invals, site, WEIGHT_ONLY, problem, rule.act)
       return _bind(eqn, invals)
-    self._record(eqn, invals, site, INT8, "", rule.act)
+    if static_act(payload):
+      self._record(eqn, invals, site, INT8, "static activation scale",
+                   payload.act_spec)
+    else:
+      self._record(eqn, invals, site, INT8, "", rule.act)
     x = value(invals[1 - site.weight_index])
     return [int8_matmul(eqn, site, x, payload, rule.act)]
 
