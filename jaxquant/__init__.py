@@ -1,7 +1,12 @@
-"""jaxquant: quantize JAX/Flax models with pure functions."""
+"""jaxquant: quantize JAX/Flax models with pure functions.
 
-from typing import Callable
+Layers, each a module: `spec` / `numerics` / `packing` / `qarray` (the
+numbers), `rules` (which parameter gets what), `observers` (calibration
+statistics), `interpreter` / `layout` / `engine` (the jaxpr transform),
+`api` / `calibration` / `analysis` / `checkpoint` (the workflow).
+"""
 
+from jaxquant import observers
 from jaxquant import qarray as _qarray
 from jaxquant.analysis import (LayerReport, auto_recipe, layer_report,
                                sensitivity)
@@ -15,6 +20,14 @@ from jaxquant.spec import QuantSpec, int2, int3, int4, int8, uint8
 from jaxquant.tree import dequantize_tree, nbytes, quantize_tree
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LayerReport", "QArray", "QuantSpec", "Recipe", "Report", "Rule", "Stats",
+    "auto_recipe", "calibrate", "dequantize", "dequantize_tree", "fake_quant",
+    "fake_quant_apply", "int2", "int3", "int4", "int8", "layer_report", "load",
+    "nbytes", "observers", "quantize", "quantize_params", "quantize_tree",
+    "quantized_apply", "report", "save", "sensitivity", "uint8",
+]
 
 
 def fake_quant(x_or_apply_fn, spec_or_recipe, **kwargs):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -95,9 +95,10 @@ class _Tracer:
     d_abs = [_abstract(l) for l in dyn]
     key = (p_def, tuple((a.shape, a.dtype) for a in p_abs), a_def, dynamic,
            tuple((a.shape, a.dtype) for a in d_abs))
+    key = (key, statics)
     try:
-      key = hash((key, statics)) and (key, statics)
-    except TypeError:
+      hash(key)
+    except TypeError:  # unhashable static arguments: trace every call
       key = None
     if key is not None and key in self._cache:
       return self._cache[key], dyn

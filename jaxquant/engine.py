@@ -21,18 +21,16 @@ dimension numbers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant import interpreter, layout, numerics
 from jaxquant.interpreter import FloatPayload, Tagged, value
-from jaxquant.qarray import QArray, quantize
+from jaxquant.qarray import QArray
 from jaxquant.rules import Recipe
 from jaxquant.spec import QuantSpec
-from jaxquant.tree import is_qarray, leaves_with_paths, path_str
 
 INT8, WEIGHT_ONLY, FLOAT = "int8", "weight-only", "float"
 
@@ -86,18 +84,18 @@ class QuantPayload:
     return dataclasses.replace(self, values=values, scale=scale, zero_point=zp)
 
   def stackable(self, length):
-    grow = lambda a: None if a is None else jnp.broadcast_to(
-        a, (length,) + a.shape[1:])
-    # A per-layer activation scale has shape (layers,); a shared one ().
-    grow_act = lambda a: None if a is None or a.ndim else jnp.broadcast_to(
-        a, (length,))
+    """Every leaf with `length` on axis 0, for `lax.scan` to slice.
+
+    Scales are broadcast along the stacked axis; a shared () activation
+    scale becomes one per step, a per-layer (layers,) one is kept.
+    """
+    def stack(a):
+      return None if a is None else jnp.broadcast_to(
+          a, (length,) + a.shape[1:])
     return dataclasses.replace(
-        self, scale=grow(self.scale), zero_point=grow(self.zero_point),
-        act_scale=grow_act(self.act_scale) if self.act_scale is not None and (
-            self.act_scale.ndim == 0) else self.act_scale,
-        act_zero_point=grow_act(self.act_zero_point)
-        if self.act_zero_point is not None and self.act_zero_point.ndim == 0
-        else self.act_zero_point)
+        self, scale=stack(self.scale), zero_point=stack(self.zero_point),
+        act_scale=stack(self.act_scale),
+        act_zero_point=stack(self.act_zero_point))
 
 
 @jax.tree_util.register_dataclass
@@ -106,10 +104,6 @@ class DequantizedPayload(FloatPayload):
   """A quantized weight that can only run weight-only (dequantized)."""
 
   reason: str = dataclasses.field(default="", metadata=dict(static=True))
-
-  def apply(self, eqn, others):
-    return dataclasses.replace(self, x=eqn.primitive.bind(self.x, *others,
-                                                          **eqn.params))
 
 
 # --------------------------------------------------------------------------

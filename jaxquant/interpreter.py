@@ -73,7 +73,8 @@ class FloatPayload:
     return self.x
 
   def apply(self, eqn, others):
-    return FloatPayload(eqn.primitive.bind(self.x, *others, **eqn.params))
+    return dataclasses.replace(
+        self, x=eqn.primitive.bind(self.x, *others, **eqn.params))
 
   def stackable(self, length):
     return self

@@ -1,7 +1,6 @@
 """Quantization-aware training with an ordinary optax loop, on real digits."""
 
 import jax
-import jax.numpy as jnp
 
 import jaxquant as jq
 from experiments import demo
