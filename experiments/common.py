@@ -4,7 +4,7 @@
   write_table(rows, out / "results.md")          # rows: list of dicts
   write_json({"rows": rows}, out / "results.json")
   save_figure(fig, out / "plot.png")
-  sqnr_db(x, x_hat)                              # 10 log10(sum x^2 / sum (x - x_hat)^2)
+  sqnr_db(x, x_hat)              # 10 log10(sum x^2 / sum (x - x_hat)^2)
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ update the range is `(0, 0)` (which `scale_from_range` maps to scale 1).
 Observers, for the values x_1, x_2, ... of one channel:
 
   minmax      lo = min_t min(x_t),  hi = max_t max(x_t)
-  ema_minmax  lo_1 = min(x_1),  lo_t = d lo_{t-1} + (1 - d) min(x_t)  (same for hi)
+  ema_minmax  lo_1 = min(x_1),  lo_t = d lo_{t-1} + (1 - d) min(x_t)
+              (the same for hi with max)
   percentile  from a histogram: the p-th percentile c of |x|, range (-c, c);
               or, symmetric=False, the (100 - p)/2 and (100 + p)/2
               percentiles of x (the central p percent is kept)
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -109,8 +111,12 @@ def _kept_axes(axes, ndim: int) -> tuple[int, ...]:
   if isinstance(axes, int):
     axes = (axes,)
   axes = tuple(axes)
+  if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+             for a in axes):
+    raise ValueError(f"observer axes={axes!r}; axes must be integers, e.g. "
+                     "axes=(-1,) per output channel, or None per tensor")
   for a in axes:
-    if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+    if not -ndim <= a < ndim:
       raise ValueError(
           f"observer axes={axes} is out of range for a tensor of rank {ndim}; "
           f"use axes in [{-ndim}, {ndim - 1}] (the axes that keep their own "
@@ -121,6 +127,11 @@ def _kept_axes(axes, ndim: int) -> tuple[int, ...]:
     raise ValueError(f"observer axes={axes} names an axis twice; list each "
                      "kept axis once")
   return kept
+
+
+def _check_axes(axes):
+  """Early type / duplicate check; the rank (and range) is known at init."""
+  _kept_axes(axes, ndim=64)
 
 
 def _keep_shape(shape, kept) -> tuple[int, ...]:
@@ -171,7 +182,7 @@ def minmax(axes=None) -> Observer:
     >>> [v.tolist() for v in obs.range(s)]
     [[[-4.0, -2.0, -1.0]], [[1.0, 5.0, 3.0]]]
   """
-  _kept_axes(axes, 64)  # early type check; the rank is known at init
+  _check_axes(axes)
 
   def init(example):
     shape = _init_shape(example, axes)
@@ -207,10 +218,10 @@ def ema_minmax(decay: float = 0.99, axes=None) -> Observer:
     >>> [float(v[0]) for v in obs.range(s)]
     [-2.0, 3.0]
   """
-  if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+  if not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
     raise ValueError(f"decay={decay!r}; the EMA decay must be a float in "
                      "[0, 1), e.g. 0.99 (0 keeps only the last batch)")
-  _kept_axes(axes, 64)
+  _check_axes(axes)
   d = np.float32(decay)
 
   def init(example):
@@ -222,9 +233,8 @@ def ema_minmax(decay: float = 0.99, axes=None) -> Observer:
     x, kept = _checked(state.lo.shape, x, axes)
     lo, hi = _batch_range(x, kept)
     first = state.count == 0
-    ema = lambda old, new: d * old + (1 - d) * new
-    return MinMaxState(jnp.where(first, lo, ema(state.lo, lo)),
-                       jnp.where(first, hi, ema(state.hi, hi)),
+    return MinMaxState(jnp.where(first, lo, d * state.lo + (1 - d) * lo),
+                       jnp.where(first, hi, d * state.hi + (1 - d) * hi),
                        state.count + 1)
 
   return Observer(init, update, _minmax_range)
@@ -254,7 +264,7 @@ def _check_bins(bins):
 def _histogram(bins: int, axes, absolute: bool):
   """init / update of a `HistogramState` (of |x| when `absolute`)."""
   _check_bins(bins)
-  _kept_axes(axes, 64)
+  _check_axes(axes)
 
   def init(example):
     shape = _init_shape(example, axes)
@@ -267,6 +277,10 @@ def _histogram(bins: int, axes, absolute: bool):
     return _hist_update(state, x, kept=kept, absolute=absolute)
 
   return init, update
+
+
+def _flat(a):
+  return a.reshape(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("kept", "absolute"))
@@ -283,13 +297,12 @@ def _hist_update(state: HistogramState, x, *, kept, absolute):
   xs = _channels(x, kept)
   if absolute:
     xs = jnp.abs(xs)
-  flat = lambda a: a.reshape(-1)
   counts = state.counts.reshape(-1, bins)
-  lo, width = flat(state.lo), flat(state.width)
+  lo, width = _flat(state.lo), _flat(state.width)
   first = state.count == 0
   bmin, bmax = xs.min(axis=1), xs.max(axis=1)
-  vmin = jnp.where(first, bmin, jnp.minimum(flat(state.min), bmin))
-  vmax = jnp.where(first, bmax, jnp.maximum(flat(state.max), bmax))
+  vmin = jnp.where(first, bmin, jnp.minimum(_flat(state.min), bmin))
+  vmax = jnp.where(first, bmax, jnp.maximum(_flat(state.max), bmax))
   grid_min = jnp.zeros_like(vmin) if absolute else vmin
   span = vmax - grid_min
   # A fresh grid spans exactly [grid_min, vmax]; a zero span gets a width
@@ -313,9 +326,9 @@ def _hist_update(state: HistogramState, x, *, kept, absolute):
   idx = jnp.floor((xs - new_lo[:, None]) / new_width[:, None])
   idx = jnp.clip(idx, 0, bins - 1).astype(jnp.int32)
   counts = moved.at[rows, idx].add(1)
-  unflat = lambda a: a.reshape(shape)
-  return HistogramState(counts.reshape(shape + (bins,)), unflat(new_lo),
-                        unflat(new_width), unflat(vmin), unflat(vmax),
+  return HistogramState(counts.reshape(shape + (bins,)),
+                        new_lo.reshape(shape), new_width.reshape(shape),
+                        vmin.reshape(shape), vmax.reshape(shape),
                         state.count + 1)
 
 
@@ -375,7 +388,8 @@ def percentile(percent: float = 99.99, bins: int = 2048, axes=None,
 
   Percentiles follow `np.percentile` (linear between order statistics),
   with each order statistic read from the histogram to within one bin
-  width (see `_quantile`); percent=100 gives the exact min / max. See the module docstring for how the histogram widens.
+  width (see `_quantile`); percent=100 gives the exact min / max. See the
+  module docstring for how the histogram widens.
 
   Example:
     >>> import numpy as np
@@ -389,7 +403,7 @@ def percentile(percent: float = 99.99, bins: int = 2048, axes=None,
     >>> bool(abs(hi[0] - np.percentile(np.abs(x), 99.0)) < 0.5)
     True
   """
-  if not isinstance(percent, (int, float)) or not 0.0 < percent <= 100.0:
+  if not isinstance(percent, numbers.Real) or not 0.0 < percent <= 100.0:
     raise ValueError(f"percent={percent!r}; percent must be in (0, 100], "
                      "e.g. 99.99 (100 keeps the full min/max range)")
   init, update = _histogram(bins, axes, absolute=symmetric)
@@ -460,7 +474,8 @@ def _mse_search(state: HistogramState, qmin, qmax, *, mode, candidates):
   has_max, has_min = (total >= 1)[:, None], (total >= 2)[:, None]
   first = jnp.argmax(counts > 0, axis=1)
   last = bins - 1 - jnp.argmax(counts[:, ::-1] > 0, axis=1)
-  onehot = lambda i: jax.nn.one_hot(i, bins, dtype=counts.dtype)
+  onehot = functools.partial(jax.nn.one_hot, num_classes=bins,
+                             dtype=counts.dtype)
   counts = counts - has_max * onehot(last) - has_min * onehot(first)
 
   def grid(alpha):

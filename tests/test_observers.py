@@ -212,8 +212,8 @@ def test_mse_and_percentile_beat_minmax_on_heavy_tails_at_4_bits():
     observers.percentile(99.0, bins=64, axes=(1,)),
     observers.percentile(99.0, bins=64, symmetric=False),
     observers.mse(jq.int4(), bins=64, candidates=20, axes=(1,)),
-    observers.mse(jq.uint8(), bins=64)], ids=["minmax", "ema", "percentile",
-                                              "percentile-asym", "mse", "mse-u8"])
+    observers.mse(jq.uint8(), bins=64)],
+    ids=["minmax", "ema", "percentile", "percentile-asym", "mse", "mse-u8"])
 def test_jit_and_no_jit_agree(obs):
   batches = _batches(seed=2, shape=(100, 5), n=3, widen=1, shrink=0)
   eager_state, eager = _run(obs, batches, jit=False)
@@ -259,6 +259,7 @@ def test_from_name():
     (lambda: observers.mse("int4"), r"needs a QuantSpec"),
     (lambda: observers.ema_minmax(decay=1.0), r"decay=1.0; .* \[0, 1\)"),
     (lambda: observers.minmax(axes=(0, 0)), r"names an axis twice"),
+    (lambda: observers.minmax(axes=(1.0,)), r"axes must be integers"),
     (lambda: observers.minmax(axes=(2,)).init(jnp.zeros((3, 4))),
      r"axes=\(2,\) is out of range for a tensor of rank 2; use axes in "
      r"\[-2, 1\]"),
