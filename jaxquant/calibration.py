@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxquant import engine, observers
 from jaxquant.api import FloatPayload, _param_leaves, _tag_inputs, _Tracer
 from jaxquant.rules import Recipe
+from jaxquant.tree import leaves_with_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,14 +125,16 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, recipe: Recipe, *,
     raise ValueError("calibrate got no batches; pass an iterable with at "
                      "least one batch")
   first = _as_args(first)
-  traced, _ = _Tracer(apply_fn)(params, first, {})
-  leaves = _param_leaves(params)
+
+  tracer = _Tracer(apply_fn)
 
   def observe(params, args):
+    # Traced per batch shape (cached): jaxprs fix every intermediate shape.
+    traced, dyn = tracer(params, args, {})
     handler = engine.ObserveHandler(recipe)
     inputs = _tag_inputs(traced, _param_leaves(params),
                          lambda path, leaf: FloatPayload(leaf))
-    traced.evaluate(handler, inputs, jax.tree_util.tree_leaves(args))
+    traced.evaluate(handler, inputs, dyn)
     return handler.sides
 
   keys = []  # (path, depth) of each emitted activation, in order
@@ -164,6 +166,7 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, recipe: Recipe, *,
       states[key] = owners[key].update(states[key], x)
     return states, finite
 
+  from tqdm.auto import tqdm  # here: importing it warns in some notebooks
   count = 0
   bar = tqdm(desc="calibrating", disable=not progress, leave=False)
   for i, batch in enumerate(_chain(first, batches)):
@@ -179,7 +182,8 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, recipe: Recipe, *,
     states, count = new_states, count + 1
     bar.update()
   bar.close()
-  shapes = {path: tuple(np.shape(l)) for path, l in zip(traced.paths, leaves)}
+  shapes = {path: tuple(np.shape(leaf))
+            for path, leaf in leaves_with_paths(params)}
   return Stats(states, owners, depth, shapes, count)
 
 

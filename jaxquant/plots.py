@@ -5,18 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+# Figure objects, not pyplot: drawing files must not switch the backend of a
+# notebook the user is working in.
+from matplotlib.figure import Figure
 
 
 def _grid(n):
   cols = min(n, 3)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows),
-                           squeeze=False)
+  fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.flat[n:]:
     ax.axis("off")
   return fig, list(axes.flat)
@@ -59,7 +58,8 @@ def layer_figures(report, folder) -> list[Path]:
     fig.tight_layout()
     saved.append(_save(fig, folder / "activations.png"))
 
-  fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.5))
+  fig = Figure(figsize=(max(5, 0.9 * len(rows) + 2), 3.5))
+  ax = fig.subplots()
   x = np.arange(len(rows))
   ax.bar(x - 0.2, [r.weight_sqnr for r in rows], 0.4, label="weight SQNR")
   ax.bar(x + 0.2, [r.output_sqnr for r in rows], 0.4, label="output SQNR")
@@ -75,5 +75,4 @@ def layer_figures(report, folder) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

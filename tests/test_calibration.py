@@ -178,3 +178,15 @@ def test_scan_stacked_layers_get_one_activation_scale_per_layer():
   out = jax.jit(jq.quantized_apply(model.apply, recipe))(qparams, x)
   ref = model.apply(params, x)
   assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 3e-2
+
+
+def test_batches_of_different_sizes_are_observed(trained):
+  model, params, batches, x_test, _ = trained
+  recipe = w8a8()
+  uneven = [batches[0], batches[1][:37]]  # a ReLU model: nested jaxprs
+  stats = jq.calibrate(model.apply, params, uneven, recipe, progress=False)
+  whole = jq.calibrate(model.apply, params,
+                       [np.concatenate(uneven)], recipe, progress=False)
+  for path in stats.states:
+    np.testing.assert_allclose(np.asarray(stats.act_range(path)),
+                               np.asarray(whole.act_range(path)), rtol=1e-6)
