@@ -328,6 +328,14 @@ class QuantizedHandler:
     wspec = payload.spec.short() if isinstance(payload, QuantPayload) else (
         "dequantized" if isinstance(payload, DequantizedPayload) else "float")
     shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
+    rule = None if site is None else self.recipe.match(site.path)
+    if (isinstance(payload, QuantPayload) and rule is not None
+        and rule.weight is not None
+        and (rule.weight.bits, rule.weight.signed) != (payload.spec.bits,
+                                                        payload.spec.signed)):
+      reason = "; ".join(filter(None, [
+          reason, f"params hold {payload.spec.short()}, recipe says "
+          f"{rule.weight.short()}"]))
     self.records.append(OpRecord(
         site.path if site else "-", eqn.primitive.name, mode, reason,
         site.weight_shape if site else shapes[1],

@@ -171,6 +171,16 @@ def test_grouped_weights_with_activation_spec_fall_back_and_say_so():
   assert "per-group weight scales" in str(rep)
 
 
+def test_report_flags_params_quantized_with_another_recipe():
+  model = zoo.MLP()
+  x = jax.random.normal(jax.random.key(1), (8, 64))
+  params = model.init(jax.random.key(0), x)
+  int4 = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(), act=jq.int8())])
+  qparams = jq.quantize_params(model.apply, params, int4, x)
+  rep = jq.report(model.apply, qparams, W8A8, x)
+  assert "params hold int4/ch, recipe says int8/ch" in str(rep)
+
+
 def test_dropout_rngs_and_kwargs_pass_through():
   class Drop(nn.Module):
     @nn.compact
