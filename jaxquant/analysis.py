@@ -26,7 +26,6 @@ from jaxquant import engine
 from jaxquant.api import (_param_leaves, _resolved_specs, _tag_inputs,
                           _Tracer, quantize_params, quantized_apply)
 from jaxquant.interpreter import FloatPayload, Tagged, value
-from jaxquant.qarray import QArray
 from jaxquant.rules import Recipe, Rule
 from jaxquant.spec import QuantSpec, int2, int3, int4, int8
 from jaxquant.tree import is_qarray, nbytes

@@ -57,7 +57,8 @@ class QuantPayload:
   @classmethod
   def of(cls, q: QArray):
     if q.spec.granularity == "group":
-      return DequantizedPayload(q.dequantize(), "per-group weight scales")
+      return GroupPayload(q.int_values(), q.scale, q.zero_point, q.spec,
+                          q.dtype, q.spec.group_axis)
     return cls(q.int_values(), q.scale, q.zero_point, q.spec, q.dtype,
                q.act_scale, q.act_zero_point, q.act_spec)
 
@@ -106,6 +107,49 @@ class DequantizedPayload(FloatPayload):
   reason: str = dataclasses.field(default="", metadata=dict(static=True))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupPayload:
+  """Integer values with per-group scales (`n_groups` on `group_dim`).
+
+  It follows dtype casts only: any other layout op turns it into a
+  `DequantizedPayload`, so int8 compute sees the parameter's own layout.
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(metadata=dict(static=True))
+  group_dim: int = dataclasses.field(metadata=dict(static=True))
+
+  def expanded(self, a):
+    """A per-group array broadcastable against the grouped view."""
+    return None if a is None else jnp.expand_dims(a, self.group_dim + 1)
+
+  def materialize(self):
+    spec = dataclasses.replace(self.spec, group_axis=self.group_dim)
+    view = numerics.grouped(self.values, spec)
+    out = numerics.dequantize_with_scale(
+        view, self.expanded(self.scale), self.expanded(self.zero_point),
+        self.dtype)
+    return out.reshape(self.values.shape)
+
+  def apply(self, eqn, others):
+    if eqn.primitive.name == "convert_element_type" and jnp.issubdtype(
+        eqn.params["new_dtype"], jnp.floating):
+      return dataclasses.replace(self, dtype=eqn.params["new_dtype"])
+    moved = eqn.primitive.bind(self.materialize(), *others, **eqn.params)
+    return DequantizedPayload(moved, _GROUP_MOVED)
+
+  def stackable(self, length):
+    stack = lambda a: None if a is None else jnp.broadcast_to(
+        a, (length,) + a.shape[1:])
+    return dataclasses.replace(self, scale=stack(self.scale),
+                               zero_point=stack(self.zero_point),
+                               group_dim=self.group_dim - 1)
+
+
 # --------------------------------------------------------------------------
 # Where a matmul meets a parameter
 
@@ -126,6 +170,7 @@ class Site:
   act_shape: tuple[int, ...]
   eqn_id: int  # id() of the jaxpr equation, to tell sites apart
   batch_groups: int = 1  # a convolution's batch_group_count
+  moved: bool = False  # the weight went through a non-cast layout op
 
 
 def find_site(eqn, invals) -> Site | None:
@@ -151,7 +196,7 @@ def find_site(eqn, invals) -> Site | None:
   return Site(invals[w].path, eqn.primitive.name, w, tuple(wc), tuple(wb),
               tuple(ac), tuple(ab), contracted, tuple(shapes[w]),
               tuple(shapes[a]), id(eqn),
-              eqn.params.get("batch_group_count", 1))
+              eqn.params.get("batch_group_count", 1), invals[w].moved)
 
 
 def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
@@ -168,15 +213,32 @@ def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
   return numerics.resolve_axes(spec, ndim, path)
 
 
-_GROUPED = "per-group weight scales"
+_GROUPED = ("per-group scales need the group axis to be the only "
+            "contracted axis")
+_GROUP_MOVED = "per-group weight reshaped or transposed before its matmul"
+_GROUP_ZP = "asymmetric per-group weights"
 _VARYING = "weight scale varies along a contracted axis"
 _CONV_ZP = "asymmetric weights in a convolution"
+
+
+def group_problem(site: Site, spec: QuantSpec, moved: bool) -> str | None:
+  """Why a per-group weight cannot run a grouped int8 matmul here."""
+  if moved:
+    return _GROUP_MOVED
+  if (site.primitive != "dot_general" or len(site.weight_contract) != 1
+      or site.param_contract != {spec.group_axis}):
+    return _GROUPED
+  if not spec.symmetric:
+    return _GROUP_ZP
+  return None
 
 
 def int_path_problem(site: Site, payload, act_spec) -> str | None:
   """Why this site cannot run int8 x int8 (None when it can)."""
   if isinstance(payload, DequantizedPayload):
     return payload.reason
+  if isinstance(payload, GroupPayload):
+    return group_problem(site, payload.spec, site.moved)
   if site.primitive == "conv_general_dilated" and (
       payload.zero_point is not None):
     return _CONV_ZP
@@ -190,7 +252,7 @@ def int_path_problem(site: Site, payload, act_spec) -> str | None:
 def spec_problem(site: Site, spec: QuantSpec, act_spec) -> str | None:
   """`int_path_problem` decided from the resolved weight spec alone."""
   if spec.granularity == "group":
-    return _GROUPED
+    return group_problem(site, spec, site.moved)
   if spec.granularity == "channel" and site.param_contract & set(
       spec.channel_axes):
     return _VARYING
@@ -305,7 +367,8 @@ class QuantizedHandler:
       return _bind(eqn, invals)
     payload = invals[site.weight_index].payload
     rule = self.recipe.match(site.path)
-    if not isinstance(payload, (QuantPayload, DequantizedPayload)):
+    if not isinstance(payload, (QuantPayload, GroupPayload,
+                                DequantizedPayload)):
       self._record(eqn, invals, site, FLOAT, "parameter not quantized")
       return _bind(eqn, invals)
     if rule is None or rule.act is None:
@@ -321,11 +384,14 @@ class QuantizedHandler:
     else:
       self._record(eqn, invals, site, INT8, "", rule.act)
     x = value(invals[1 - site.weight_index])
+    if isinstance(payload, GroupPayload):
+      return [grouped_int8_matmul(eqn, site, x, payload, rule.act)]
     return [int8_matmul(eqn, site, x, payload, rule.act)]
 
   def _record(self, eqn, invals, site, mode, reason, act_spec=None):
     payload = None if site is None else invals[site.weight_index].payload
-    wspec = payload.spec.short() if isinstance(payload, QuantPayload) else (
+    wspec = payload.spec.short() if isinstance(
+        payload, (QuantPayload, GroupPayload)) else (
         "dequantized" if isinstance(payload, DequantizedPayload) else "float")
     shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
     rule = None if site is None else self.recipe.match(site.path)
@@ -408,6 +474,47 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
       acc = acc + k * to_x(zx) * to_w(zw)
   return (acc * to_x(sx) * to_w(payload.scale)).astype(
       eqn.outvars[0].aval.dtype)
+
+
+def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
+  """`dot_general` with per-group weight scales as a batch of int8 dots.
+
+  With the contraction axis split into G groups of size g,
+    x . w ~ s_x sum_G s_w[G] (q_x[G] . q_w[G])
+  one `dot_general(s8, s8) -> s32` with G as an extra batch dimension, then
+  a scaled sum over G in float.
+  """
+  w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
+  size = payload.spec.group_size
+  reduce = _act_reduce_axes(site, act_spec, x.ndim)
+  lo, hi = numerics.data_range(x, _as_reduction(act_spec, reduce, x.ndim))
+  sx, zx = numerics.scale_from_range(lo, hi, act_spec)
+  qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
+                   act_spec)
+  split = lambda a, d: a.reshape(a.shape[:d] + (a.shape[d] // size, size)
+                                 + a.shape[d + 1:])
+  grow = lambda dims, d: tuple(i + (i > d) for i in dims)
+  ab, wb = grow(site.act_batch, ca), grow(site.weight_batch, cw)
+  qxg, qwg = split(qx, ca), split(payload.values, cw)
+  a_dims = ((ca + 1,), ab + (ca,))
+  w_dims = ((cw + 1,), wb + (cw,))
+  lhs, rhs = (qwg, qxg) if w == 0 else (qxg, qwg)
+  (lc, lb), (rc, rb) = (w_dims, a_dims) if w == 0 else (a_dims, w_dims)
+  acc = jax.lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)),
+                            preferred_element_type=jnp.int32)
+  acc = acc.astype(jnp.float32)
+  n_act_free = qx.ndim - 1 - len(site.act_batch)
+  n_w_free = payload.values.ndim - 1 - len(site.weight_batch)
+  to_x = lambda s: layout.to_output_layout(
+      jnp.expand_dims(s, ca + 1), (ca + 1,), ab + (ca,), w == 1, n_w_free)
+  sw = payload.expanded(payload.scale)
+  to_w = lambda s: layout.to_output_layout(s, (cw + 1,), wb + (cw,), w == 0,
+                                           n_act_free)
+  if zx is not None:
+    colsum = jnp.sum(qwg, cw + 1, jnp.int32, keepdims=True)
+    acc = acc - to_x(jnp.broadcast_to(zx, sx.shape)) * to_w(colsum)
+  out = jnp.sum(acc * to_x(sx) * to_w(sw), axis=len(site.act_batch))
+  return out.astype(eqn.outvars[0].aval.dtype)
 
 
 def _conv_scales(eqn, sx, sw, out_ndim):

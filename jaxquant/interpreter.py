@@ -46,7 +46,8 @@ class Payload(Protocol):
   def apply(self, eqn, others) -> "Payload | None": ...
 
   def stackable(self, length: int) -> "Payload":
-    """A payload whose every leaf has `length` on axis 0 (for `lax.scan`)."""
+    """A payload whose every leaf has `length` on axis 0 (for `lax.scan`);
+    its static data describes the per-step slice the scan body sees."""
 
 
 @jax.tree_util.register_dataclass
@@ -57,6 +58,8 @@ class Tagged:
   payload: Any
   path: str = dataclasses.field(metadata=dict(static=True))
   axes: layout.AxisMap = dataclasses.field(metadata=dict(static=True))
+  # Whether a layout op other than a dtype cast moved the elements.
+  moved: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   def value(self) -> jax.Array:
     return self.payload.materialize()
@@ -175,7 +178,8 @@ def _follow_layout(eqn, tagged: Tagged, others):
     return None
   axes = layout.map_axes(eqn.primitive.name, eqn.params, tagged.axes,
                          in_shape, out_shape)
-  return Tagged(payload, tagged.path, axes)
+  moved = tagged.moved or eqn.primitive.name != "convert_element_type"
+  return Tagged(payload, tagged.path, axes, moved)
 
 
 def _plain(values):
@@ -227,13 +231,13 @@ def _stackable(v, length):
   """A tagged scan input whose payload can be sliced along axis 0."""
   if not isinstance(v, Tagged):
     return v
-  return Tagged(v.payload.stackable(length), v.path, v.axes)
+  return Tagged(v.payload.stackable(length), v.path, v.axes, v.moved)
 
 
 def _unstack(v):
   if not isinstance(v, Tagged):
     return v
-  return Tagged(v.payload, v.path, v.axes[1:])
+  return Tagged(v.payload, v.path, v.axes[1:], v.moved)
 
 
 def _while(eqn, invals, handler):

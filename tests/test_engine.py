@@ -160,15 +160,39 @@ def test_weight_only_modes_dequantize_and_run_float():
   assert qparams["params"]["Dense_1"]["kernel"].scale.shape == (4, 128)
 
 
-def test_grouped_weights_with_activation_spec_fall_back_and_say_so():
+def test_grouped_weights_with_int8_activations_run_grouped_int8_dots():
   model = zoo.MLP()
-  x = jax.random.normal(jax.random.key(1), (16, 64))
+  x = jax.random.normal(jax.random.key(1), (64, 64))
   params = model.init(jax.random.key(0), x)
   recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32),
                               act=jq.int8())])
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  qapply = jq.quantized_apply(model.apply, recipe)
+  out = jax.jit(qapply)(qparams, x)
+  assert jq.report(model.apply, qparams, recipe, x).count("int8") == 3
+  assert count_int8_ops(qapply, qparams, x) == (3, 3)
+  # Reference: dequantized int4 weights times per-row fake-quant int8 inputs.
+  fq = jax.jit(jq.fake_quant(model.apply, recipe))(params, x)
+  assert rel_err(out, fq) < 1e-5
+  weight_only = jq.Recipe([jq.Rule(r".*kernel", jq.int4(group_size=32))])
+  w_out = jq.quantized_apply(model.apply, weight_only)(qparams, x)
+  assert 0 < rel_err(out, w_out) < 3e-2  # only the activation rounding
+
+
+def test_grouped_weights_fall_back_where_groups_cannot_be_split_and_say_so():
+  model = zoo.Classifier()
+  x = jax.random.normal(jax.random.key(1), (4, 16, 24))
+  params = model.init(jax.random.key(0), x)
+  recipe = jq.Recipe([jq.Rule(r".*", weight=jq.int8(group_size=8),
+                              act=jq.int8())])
   rep = jq.report(model.apply, params, recipe, x)
-  assert rep.count("weight-only") == 3
-  assert "per-group weight scales" in str(rep)
+  # The Einsum and attention-output kernels contract two axes.
+  assert rep.count("int8") == 6 and rep.count("weight-only") == 2
+  assert "group axis to be the only contracted axis" in str(rep)
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  out = jq.quantized_apply(model.apply, recipe)(qparams, x)
+  fq = jq.fake_quant(model.apply, recipe)(params, x)
+  assert rel_err(out, fq) < 1e-5
 
 
 def test_report_flags_params_quantized_with_another_recipe():
