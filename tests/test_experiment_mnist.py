@@ -1,0 +1,67 @@
+"""`experiments.mnist --quick`: files, sane accuracies, int8 close to float."""
+
+import json
+
+import pytest
+
+from experiments import mnist
+from experiments.data import load_mnist
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  try:
+    load_mnist()
+  except ImportError as err:
+    pytest.skip(f"MNIST data missing: {err}")
+  out = tmp_path_factory.mktemp("mnist")
+  mnist.main(["--quick", "--out", str(out)])
+  return out, json.loads((out / "results.json").read_text())
+
+
+def _rows(data, **match):
+  return [r for r in data["rows"]
+          if all(r[k] == v for k, v in match.items())]
+
+
+def test_writes_table_json_and_figures(report):
+  out, data = report
+  for name in ("results.md", "results.json", "pareto.png", "calibration.png"):
+    assert (out / name).stat().st_size > 0, name
+  for name in ("pareto.png", "calibration.png"):
+    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  table = (out / "results.md").read_text()
+  assert "| float32 | float |" in table
+  assert "PTQ W8A8 ch minmax" in table and "QAT W4A8 ch" in table
+  assert data["config"]["quick"] is True
+
+
+def test_every_pipeline_stage_ran(report):
+  _, data = report
+  methods = {r["method"] for r in data["rows"]}
+  assert methods == {"float", "PTQ", "QAT", "QAFT"}
+  ptq = _rows(data, method="PTQ")
+  assert {r["calibration"] for r in ptq} == {"minmax", "mse", "dynamic"}
+  assert {r["granularity"] for r in ptq} == {"channel", "tensor"}
+  assert {r["weight_bits"] for r in ptq} == {8, 4, 2}
+  for r in data["rows"]:
+    assert r["latency_ratio"] > 0, r
+
+
+def test_accuracies_and_bytes(report):
+  _, data = report
+  (float_row,) = _rows(data, method="float")
+  for r in data["rows"]:
+    assert 0.0 <= r["accuracy"] <= 1.0, r
+  assert float_row["accuracy"] > 0.8
+  w8a8 = _rows(data, method="PTQ", weight_bits=8)
+  assert len(w8a8) >= 3
+  for r in w8a8:
+    assert r["accuracy"] >= float_row["accuracy"] - 0.02, r
+  for r in data["rows"]:
+    if r is not float_row:
+      assert r["bytes"] < float_row["bytes"], r
+  # Narrower weights are smaller: int8 ~ 1/4, int4 ~ 1/8 of float.
+  by_bits = {r["weight_bits"]: r["bytes"] for r in _rows(
+      data, method="PTQ", granularity="channel")}
+  assert by_bits[2] < by_bits[4] < by_bits[8] < 0.3 * float_row["bytes"]
