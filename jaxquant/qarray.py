@@ -13,6 +13,7 @@ axis and are applied to the grouped view `(..., n_groups, group_size, ...)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -99,7 +100,20 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
                      "only float tensors are quantized")
   numerics.check_finite(x, where)
   spec = numerics.resolve_axes(spec, x.ndim, where)
-  view = numerics.grouped(x, spec, where) if spec.granularity == "group" else x
+  if spec.granularity == "group":
+    numerics.grouped(x, spec, where)  # a group size that does not divide
+  if stochastic := spec.rounding == "stochastic":
+    if key is None:
+      raise ValueError(f"{where}: rounding='stochastic' needs a PRNG key: "
+                       "pass key=")
+  return _quantize(x, spec, key if stochastic else None, value_range)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _quantize(x, spec: QuantSpec, key, value_range) -> QArray:
+  # Compiled once per shape and spec: eager calls would otherwise run (and
+  # compile) each small op on its own, and jit and no-jit agree bit for bit.
+  view = numerics.grouped(x, spec) if spec.granularity == "group" else x
   lo, hi = value_range if value_range is not None else numerics.data_range(
       view, spec)
   scale, zero_point = numerics.scale_from_range(lo, hi, spec)
