@@ -51,24 +51,15 @@ class Block(nn.Module):
     return x + nn.Dense(self.d_model)(nn.gelu(nn.Dense(self.d_ff)(h)))
 
 
-def _time(fn, args, calls):
-  times = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def compare(variants: dict, rounds: int, calls: int) -> dict:
   """Median over rounds of (variant time / 'float' time) in the same round."""
   for fn, args in variants.values():
     jax.block_until_ready(fn(*args))  # compile
   ratios = {name: [] for name in variants}
   for _ in range(rounds):
-    base = _time(*variants["float"], calls)
+    base = common.median_seconds(*variants["float"], calls)
     for name, (fn, args) in variants.items():
-      ratios[name].append(_time(fn, args, calls) / base)
+      ratios[name].append(common.median_seconds(fn, args, calls) / base)
   return {name: statistics.median(r) for name, r in ratios.items()}
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -100,3 +102,14 @@ def progress(iterable, desc: str | None = None, **kwargs):
   """tqdm progress bar on a terminal (stderr), silent otherwise."""
   kwargs.setdefault("disable", not sys.stderr.isatty())
   return tqdm(iterable, desc=desc, leave=False, **kwargs)
+
+
+def median_seconds(fn, args, calls: int) -> float:
+  """Median wall time of `calls` calls of `fn(*args)`, results awaited."""
+  import jax
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)

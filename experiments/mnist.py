@@ -184,15 +184,6 @@ def accuracy(fn, params, x, y) -> float:
   return correct / len(y)
 
 
-def _time(fn, args, calls):
-  times = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def latency(variants: dict, rounds: int, calls: int, seed: int = 0):
   """Median over rounds of variant time / float time in the same round.
 
@@ -210,7 +201,7 @@ def latency(variants: dict, rounds: int, calls: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   for _ in common.progress(range(rounds), desc="timing"):
     for i in rng.permutation(len(names)):
-      times[names[i]].append(_time(*variants[names[i]], calls))
+      times[names[i]].append(common.median_seconds(*variants[names[i]], calls))
   ratios = {name: statistics.median(t / b for t, b in zip(ts, times["float"]))
             for name, ts in times.items()}
   return ratios, statistics.median(times["float"])

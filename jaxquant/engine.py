@@ -315,10 +315,19 @@ class ObserveHandler:
     return _bind(eqn, invals)
 
 
-def _act_reduce_axes(site: Site, spec: QuantSpec, ndim: int):
-  if spec.granularity == "tensor":
-    return tuple(range(ndim))
-  return site.act_contract  # per row / token (per example for convs)
+def dynamic_act_scale(x, site: Site, spec: QuantSpec):
+  """Scale and zero point of activation `x` from its own range.
+
+  Per row / token (reduced over the contracted axes; per example for
+  convolutions), or per tensor when `spec.granularity == "tensor"`.
+  """
+  reduce = (tuple(range(x.ndim)) if spec.granularity == "tensor"
+            else site.act_contract)
+  keep = tuple(a for a in range(x.ndim) if a not in reduce)
+  per_row = dataclasses.replace(spec, granularity="channel", channel_axes=keep,
+                                group_size=None, group_axis=None)
+  lo, hi = numerics.data_range(jax.lax.stop_gradient(x), per_row)
+  return numerics.scale_from_range(lo, hi, spec)
 
 
 @dataclasses.dataclass
@@ -336,21 +345,10 @@ class FakeQuantHandler:
       return _bind(eqn, invals)
     a = 1 - site.weight_index
     x = value(invals[a])
-    spec = rule.act
-    lo, hi = numerics.data_range(
-        jax.lax.stop_gradient(x), _as_reduction(spec, _act_reduce_axes(
-            site, spec, x.ndim), x.ndim))
-    scale, zp = numerics.scale_from_range(lo, hi, spec)
+    scale, zp = dynamic_act_scale(x, site, rule.act)
     invals = list(invals)
-    invals[a] = numerics.fake_quant_with_scale(x, scale, zp, spec)
+    invals[a] = numerics.fake_quant_with_scale(x, scale, zp, rule.act)
     return _bind(eqn, invals)
-
-
-def _as_reduction(spec: QuantSpec, reduce_axes, ndim) -> QuantSpec:
-  """A per-channel spec that reduces exactly `reduce_axes` of a tensor."""
-  keep = tuple(a for a in range(ndim) if a not in reduce_axes)
-  return dataclasses.replace(spec, granularity="channel", channel_axes=keep,
-                             group_size=None, group_axis=None)
 
 
 @dataclasses.dataclass
@@ -430,9 +428,7 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
     act_spec = payload.act_spec
     sx, zx = payload.act_scale, payload.act_zero_point
   else:
-    reduce = _act_reduce_axes(site, act_spec, x.ndim)
-    lo, hi = numerics.data_range(x, _as_reduction(act_spec, reduce, x.ndim))
-    sx, zx = numerics.scale_from_range(lo, hi, act_spec)
+    sx, zx = dynamic_act_scale(x, site, act_spec)
   qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
                    act_spec)
   sx = jnp.broadcast_to(sx, (1,) * x.ndim)  if sx.ndim == 0 else sx
@@ -486,9 +482,7 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
   """
   w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
   size = payload.spec.group_size
-  reduce = _act_reduce_axes(site, act_spec, x.ndim)
-  lo, hi = numerics.data_range(x, _as_reduction(act_spec, reduce, x.ndim))
-  sx, zx = numerics.scale_from_range(lo, hi, act_spec)
+  sx, zx = dynamic_act_scale(x, site, act_spec)
   qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
                    act_spec)
   split = lambda a, d: a.reshape(a.shape[:d] + (a.shape[d] // size, size)
