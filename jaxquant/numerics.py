@@ -89,7 +89,7 @@ def grouped(x: jax.Array, spec: QuantSpec, where: str = "tensor") -> jax.Array:
 def data_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
   """(lo, hi) of `x` per scale block, keepdims; `x` already grouped."""
   axes = reduction_axes(spec, x.ndim - (spec.granularity == "group"))
-  if spec.clip is not None:
+  if isinstance(spec.clip, tuple):
     shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
     return (jnp.full(shape, spec.clip[0], jnp.float32),
             jnp.full(shape, spec.clip[1], jnp.float32))
@@ -100,9 +100,28 @@ def data_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
   if spec.symmetric:
     hi = jnp.max(jnp.where(finite, jnp.abs(x), jnp.inf), axis=axes,
                  keepdims=True)
-    return -hi, hi
-  return (jnp.min(jnp.where(finite, x, -jnp.inf), axis=axes, keepdims=True),
-          jnp.max(jnp.where(finite, x, jnp.inf), axis=axes, keepdims=True))
+    lo = -hi
+  else:
+    lo = jnp.min(jnp.where(finite, x, -jnp.inf), axis=axes, keepdims=True)
+    hi = jnp.max(jnp.where(finite, x, jnp.inf), axis=axes, keepdims=True)
+  if spec.clip == "mse":
+    return _mse_shrink(x, lo, hi, spec, axes)
+  return lo, hi
+
+
+MSE_RATIOS = np.linspace(0.2, 1.0, 64, dtype=np.float32)
+
+
+def _mse_shrink(x, lo, hi, spec, axes):
+  """Scales (lo, hi) per block by the ratio with the least squared error."""
+  def error(ratio):
+    scale, zero_point = scale_from_range(lo * ratio, hi * ratio, spec)
+    x_hat = quantize_dequantize(x, scale, zero_point, spec)
+    return jnp.sum((x_hat - x) ** 2, axis=axes, keepdims=True)
+
+  errors = jax.lax.map(error, jnp.asarray(MSE_RATIOS))
+  best = jnp.asarray(MSE_RATIOS)[jnp.argmin(errors, axis=0)]
+  return lo * best, hi * best
 
 
 def scale_from_range(lo, hi, spec: QuantSpec):

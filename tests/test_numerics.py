@@ -1,5 +1,7 @@
 """Quantization math against NumPy references and its error bounds."""
 
+import dataclasses
+
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
@@ -180,6 +182,7 @@ def test_stochastic_rounding_is_unbiased_and_needs_a_key():
     (dict(group_size=4), "set granularity='group'"),
     (dict(rounding="up"), "rounding='up'"),
     (dict(clip=(1.0, -1.0)), "lo < hi"),
+    (dict(clip="max"), "clip='max'; give a range"),
 ])
 def test_bad_specs_raise_with_the_fix(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -202,3 +205,41 @@ def test_scale_from_range_formulas():
   scale, zp = numerics.scale_from_range(-2.0, 6.0, jq.int4())
   np.testing.assert_allclose(float(scale), 6.0 / 7, rtol=1e-6)
   assert zp is None
+
+
+@pytest.mark.parametrize("spec", [jq.int2(clip="mse"), jq.int4(clip="mse"),
+                                  jq.int3(clip="mse", symmetric=False),
+                                  jq.int4(group_size=16, clip="mse")])
+def test_mse_clip_is_the_best_ratio_of_a_numpy_grid_search(spec):
+  x = np.random.default_rng(3).standard_t(3, size=(64, 6)).astype(np.float32)
+  q = jq.quantize(x, spec)
+  plain = jq.quantize(x, dataclasses.replace(spec, clip=None))
+  resolved = numerics.resolve_axes(spec, x.ndim)
+  grouped = spec.granularity == "group"
+
+  def blocks(a):  # (blocks, elements) in the layout of the scales
+    if grouped:
+      return a.reshape(4, 16, 6).transpose(0, 2, 1).reshape(24, 16)
+    return a.T
+
+  xb = blocks(x)
+  err_of = lambda qa: ((blocks(np.asarray(qa.dequantize())) - xb) ** 2).sum(1)
+  lo0 = xb.min(1) if not spec.symmetric else -np.abs(xb).max(1)
+  hi0 = xb.max(1) if not spec.symmetric else np.abs(xb).max(1)
+  best = np.full(len(xb), np.inf)
+  for r in numerics.MSE_RATIOS:
+    lo, hi = lo0 * r, hi0 * r
+    if spec.symmetric:
+      s = np.maximum(-lo, hi) / spec.qmax
+      xh = np.clip(np.round(xb / s[:, None]), spec.qmin, spec.qmax) * s[:, None]
+    else:
+      s = (hi - lo) / (spec.qmax - spec.qmin)
+      z = spec.qmin - lo / s
+      qv = np.clip(np.round(xb / s[:, None] + z[:, None]), spec.qmin,
+                   spec.qmax)
+      xh = (qv - z[:, None]) * s[:, None]
+    best = np.minimum(best, ((xh - xb) ** 2).sum(1))
+  np.testing.assert_allclose(err_of(q), best, rtol=1e-3, atol=1e-6)
+  assert (err_of(q) <= err_of(plain) * (1 + 1e-5)).all()
+  assert err_of(q).sum() < 0.95 * err_of(plain).sum()
+  assert resolved.clip == "mse"
