@@ -123,7 +123,7 @@ def _decode_array(d, where):
 def _spec(fields) -> QuantSpec:
   fields = dict(fields)
   for name in ("channel_axes", "clip"):
-    if fields.get(name) is not None:
+    if isinstance(fields.get(name), list):
       fields[name] = tuple(fields[name])
   return QuantSpec(**fields)
 

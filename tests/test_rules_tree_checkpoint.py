@@ -92,7 +92,8 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
   q = jq.quantize_tree(_params(), jq.Recipe([
       jq.Rule(r".*Dense_0/kernel", weight=jq.int4(group_size=8)),
       jq.Rule(r".*Dense_1/kernel", weight=jq.uint8()),
-      jq.Rule(r".*embedding", weight=jq.int2(granularity="tensor"))]))
+      jq.Rule(r".*embedding", weight=jq.int2(granularity="tensor",
+                                              clip="mse"))]))
   q["extra"] = [jnp.ones(3, jnp.bfloat16), (1, "a", None)]
   path = tmp_path / "model.jq"
   jq.save(path, q)
