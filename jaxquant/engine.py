@@ -323,10 +323,14 @@ def dynamic_act_scale(x, site: Site, spec: QuantSpec):
   """
   reduce = (tuple(range(x.ndim)) if spec.granularity == "tensor"
             else site.act_contract)
-  keep = tuple(a for a in range(x.ndim) if a not in reduce)
-  per_row = dataclasses.replace(spec, granularity="channel", channel_axes=keep,
-                                group_size=None, group_axis=None)
-  lo, hi = numerics.data_range(jax.lax.stop_gradient(x), per_row)
+  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+  # One reduction, no NaN guard: this runs on every call of the model.
+  if spec.symmetric:
+    hi = jnp.max(jnp.abs(x), axis=reduce, keepdims=True)
+    lo = -hi
+  else:
+    lo = jnp.min(x, axis=reduce, keepdims=True)
+    hi = jnp.max(x, axis=reduce, keepdims=True)
   return numerics.scale_from_range(lo, hi, spec)
 
 
