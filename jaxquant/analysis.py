@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import engine
+from jaxquant import engine, text
 from jaxquant.api import (_param_leaves, _resolved_specs, _tag_inputs,
                           _Tracer, quantize_params, quantized_apply)
 from jaxquant.interpreter import FloatPayload, Tagged, value
@@ -127,9 +127,7 @@ class LayerReport:
              fmt_range(r.act_clip), f"{r.weight_sqnr:.1f} dB",
              f"{r.output_sqnr:.1f} dB", f"{100 * r.param_share:.1f}%",
              f"{100 * r.byte_share:.1f}%") for r in self.rows]
-    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
-    return "\n".join([line(head), *map(line, rows)])
+    return text.table(head, rows)
 
   def plot(self, folder) -> list:
     """Saves `weights.png`, `activations.png` and `sqnr.png`; their paths."""

@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxquant import engine, interpreter, layout, numerics
+from jaxquant import engine, interpreter, layout, numerics, text
 from jaxquant.interpreter import FloatPayload, Tagged, value
 from jaxquant.qarray import QArray, fake_quant as fake_quant_array, quantize
 from jaxquant.rules import Recipe
@@ -278,12 +278,10 @@ class Report:
     rows = [(o.path, o.primitive.replace("conv_general_dilated", "conv"),
              o.mode, o.weight_spec, o.act_spec, str(o.weight_shape),
              str(o.act_shape), o.reason) for o in self.ops]
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(8)]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
     summary = (f"{self.count(engine.INT8)} int8, "
                f"{self.count(engine.WEIGHT_ONLY)} weight-only, "
                f"{self.count(engine.FLOAT)} float")
-    return "\n".join([fmt(head), *map(fmt, rows), summary])
+    return text.table(head, rows) + "\n" + summary
 
 
 def report(apply_fn: Callable, params=None, recipe: Recipe | None = None,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import engine, observers
+from jaxquant import engine, observers, text
 from jaxquant.api import FloatPayload, _param_leaves, _tag_inputs, _Tracer
 from jaxquant.rules import Recipe
 from jaxquant.tree import leaves_with_paths
@@ -76,12 +76,9 @@ class RangeTable:
   num_batches: int
 
   def __str__(self):
-    width = max([len("layer")] + [len(r[0]) for r in self.rows])
-    lines = [f"{'layer':<{width}}  {'act min':>10}  {'act max':>10}  ranges",
-             *(f"{p:<{width}}  {lo:>10.4g}  {hi:>10.4g}  {n}"
-               for p, lo, hi, n in self.rows),
-             f"({self.num_batches} batches observed)"]
-    return "\n".join(lines)
+    rows = [(p, f"{lo:.4g}", f"{hi:.4g}", n) for p, lo, hi, n in self.rows]
+    return (text.table(("layer", "act min", "act max", "ranges"), rows)
+            + f"\n({self.num_batches} batches observed)")
 
 
 def _as_args(batch) -> tuple:

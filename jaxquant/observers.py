@@ -183,21 +183,7 @@ def minmax(axes=None) -> Observer:
     [[[-4.0, -2.0, -1.0]], [[1.0, 5.0, 3.0]]]
   """
   _check_axes(axes)
-
-  def init(example):
-    shape = _init_shape(example, axes)
-    zeros = jnp.zeros(shape, jnp.float32)
-    return MinMaxState(zeros, zeros, jnp.zeros((), jnp.int32))
-
-  def update(state, x):
-    x, kept = _checked(state.lo.shape, x, axes)
-    lo, hi = _batch_range(x, kept)
-    first = state.count == 0
-    return MinMaxState(jnp.where(first, lo, jnp.minimum(state.lo, lo)),
-                       jnp.where(first, hi, jnp.maximum(state.hi, hi)),
-                       state.count + 1)
-
-  return Observer(init, update, _minmax_range)
+  return _running_range(axes, jnp.minimum, jnp.maximum)
 
 
 def ema_minmax(decay: float = 0.99, axes=None) -> Observer:
@@ -223,18 +209,23 @@ def ema_minmax(decay: float = 0.99, axes=None) -> Observer:
                      "[0, 1), e.g. 0.99 (0 keeps only the last batch)")
   _check_axes(axes)
   d = np.float32(decay)
+  average = lambda old, new: d * old + (1 - d) * new
+  return _running_range(axes, average, average)
+
+
+def _running_range(axes, merge_lo, merge_hi) -> Observer:
+  """Per-batch (min, max) merged into the state; the first batch sets it."""
 
   def init(example):
-    shape = _init_shape(example, axes)
-    zeros = jnp.zeros(shape, jnp.float32)
+    zeros = jnp.zeros(_init_shape(example, axes), jnp.float32)
     return MinMaxState(zeros, zeros, jnp.zeros((), jnp.int32))
 
   def update(state, x):
     x, kept = _checked(state.lo.shape, x, axes)
     lo, hi = _batch_range(x, kept)
     first = state.count == 0
-    return MinMaxState(jnp.where(first, lo, d * state.lo + (1 - d) * lo),
-                       jnp.where(first, hi, d * state.hi + (1 - d) * hi),
+    return MinMaxState(jnp.where(first, lo, merge_lo(state.lo, lo)),
+                       jnp.where(first, hi, merge_hi(state.hi, hi)),
                        state.count + 1)
 
   return Observer(init, update, _minmax_range)
