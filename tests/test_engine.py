@@ -275,3 +275,41 @@ def test_model_without_matmul_raises():
   fn = lambda params, x: jnp.tanh(x * params["scale"])
   with pytest.raises(ValueError, match="no dot_general or conv_general_dilated"):
     jq.quantize_params(fn, {"scale": jnp.ones(3)}, W8A8, jnp.ones(3))
+
+
+def test_bfloat16_model_runs_int8_and_returns_bfloat16():
+  model = nn.Sequential([nn.Dense(64, dtype=jnp.bfloat16,
+                                  param_dtype=jnp.bfloat16), nn.relu,
+                         nn.Dense(10, dtype=jnp.bfloat16,
+                                  param_dtype=jnp.bfloat16)])
+  x = jax.random.normal(jax.random.key(1), (128, 32), jnp.bfloat16)
+  params = model.init(jax.random.key(0), x)
+  qparams = jq.quantize_params(model.apply, params, W8A8, x)
+  qapply = jq.quantized_apply(model.apply, W8A8)
+  out = jax.jit(qapply)(qparams, x)
+  assert out.dtype == jnp.bfloat16
+  ref = model.apply(params, x).astype(jnp.float32)
+  assert rel_err(out.astype(jnp.float32), ref) < 3e-2
+  assert count_int8_ops(qapply, qparams, x) == (2, 2)
+
+
+def test_calibrated_params_survive_a_checkpoint(tmp_path):
+  model = zoo.MLP()
+  x = jax.random.normal(jax.random.key(1), (64, 64))
+  params = model.init(jax.random.key(0), x)
+  recipe = jq.Recipe([jq.Rule(r".*kernel", jq.int4(group_size=32), jq.uint8())])
+  stats = jq.calibrate(model.apply, params, [x], W8A8, progress=False)
+  qparams = jq.quantize_params(model.apply, params, W8A8, x, stats=stats)
+  jq.save(tmp_path / "m.jq", qparams)
+  restored = jq.load(tmp_path / "m.jq", like=qparams)
+  qapply = jax.jit(jq.quantized_apply(model.apply, W8A8))
+  np.testing.assert_array_equal(np.asarray(qapply(restored, x)),
+                                np.asarray(qapply(qparams, x)))
+  kernel = restored["params"]["Dense_1"]["kernel"]
+  assert kernel.act_scale is not None and kernel.act_spec.granularity == "tensor"
+  grouped = jq.quantize_params(model.apply, params, recipe, x)
+  jq.save(tmp_path / "g.jq", grouped)
+  np.testing.assert_array_equal(
+      np.asarray(jq.quantized_apply(model.apply, recipe)(
+          jq.load(tmp_path / "g.jq"), x)),
+      np.asarray(jq.quantized_apply(model.apply, recipe)(grouped, x)))
