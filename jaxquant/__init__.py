@@ -14,6 +14,7 @@ from jaxquant.api import (Report, fake_quant_apply, quantize_params,
                           quantized_apply, report)
 from jaxquant.calibration import Stats, calibrate
 from jaxquant.checkpoint import load, save
+from jaxquant.hlo import Int8Ops, int8_ops
 from jaxquant.qarray import QArray, dequantize, quantize
 from jaxquant.rules import Recipe, Rule
 from jaxquant.spec import QuantSpec, int2, int3, int4, int8, uint8
@@ -22,9 +23,10 @@ from jaxquant.tree import dequantize_tree, nbytes, quantize_tree
 __version__ = "0.1.0"
 
 __all__ = [
-    "LayerReport", "QArray", "QuantSpec", "Recipe", "Report", "Rule", "Stats",
+    "Int8Ops", "LayerReport", "QArray", "QuantSpec", "Recipe", "Report", "Rule", "Stats",
     "auto_recipe", "calibrate", "dequantize", "dequantize_tree", "fake_quant",
-    "fake_quant_apply", "int2", "int3", "int4", "int8", "layer_report", "load",
+    "fake_quant_apply", "int2", "int3", "int4", "int8", "int8_ops",
+    "layer_report", "load",
     "nbytes", "observers", "quantize", "quantize_params", "quantize_tree",
     "quantized_apply", "report", "save", "sensitivity", "uint8",
 ]

@@ -1,7 +1,5 @@
 """The transform engine on a model zoo, each against its float model."""
 
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,14 +14,9 @@ W8A8 = jq.Recipe([jq.Rule(r".*", weight=jq.int8(), act=jq.int8())])
 
 
 def count_int8_ops(fn, *args):
-  """(StableHLO dot/conv with i8 operands, compiled HLO dot/conv on s32)."""
-  lowered = jax.jit(fn).lower(*args)
-  shlo = lowered.as_text()
-  i8 = len(re.findall(r"stablehlo\.(?:dot_general|convolution)[^\n]*"
-                      r"\(tensor<[^>]*xi8>, tensor<[^>]*xi8>\)", shlo))
-  hlo = lowered.compile().as_text()
-  s32 = len(re.findall(r"= s32\[[^\]]*\][^ ]* (?:dot|convolution)\(", hlo))
-  return i8, s32
+  """(StableHLO dot/conv with i8 operands, compiled dot/conv on s8 operands)."""
+  ops = jq.int8_ops(fn, *args)
+  return ops.stablehlo, ops.compiled
 
 
 def rel_err(out, ref):
@@ -34,7 +27,8 @@ def agreement(out, ref):
   return float((jnp.argmax(out, -1) == jnp.argmax(ref, -1)).mean())
 
 
-def check_w8a8(apply_fn, params, *args, recipe=W8A8, expect_int8=None):
+def check_w8a8(apply_fn, params, *args, recipe=W8A8, expect_int8=None,
+               upcast_by_xla=0):
   qparams = jq.quantize_params(apply_fn, params, recipe, *args)
   qapply = jq.quantized_apply(apply_fn, recipe)
   ref = apply_fn(params, *args)
@@ -44,7 +38,10 @@ def check_w8a8(apply_fn, params, *args, recipe=W8A8, expect_int8=None):
   rep = jq.report(apply_fn, qparams, recipe, *args)
   n = rep.count("int8")
   assert n == expect_int8, str(rep)
-  assert count_int8_ops(qapply, qparams, *args) == (n, n)
+  # XLA:CPU computes some small int8 convolutions in s32 (`upcast_by_xla`).
+  cpu = jax.default_backend() == "cpu"
+  assert count_int8_ops(qapply, qparams, *args) == (
+      n, n - upcast_by_xla * cpu)
   # Fake-quant matches int8 up to float rounding; a rounding difference can
   # flip an activation by one quantization step, which then propagates.
   fq = jax.jit(jq.fake_quant(apply_fn, recipe))(params, *args)
@@ -71,7 +68,9 @@ def test_cnn_with_batchnorm_and_pooling():
   # Non-trivial running statistics, as after training.
   _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
   variables = {**variables, **state}
-  qparams, _ = check_w8a8(model.apply, variables, x, expect_int8=3)
+  # The 3-channel input conv is too small for XLA:CPU's int8 kernels.
+  qparams, _ = check_w8a8(model.apply, variables, x, expect_int8=3,
+                          upcast_by_xla=1)
   assert qparams["params"]["Conv_0"]["kernel"].scale.shape == (1, 1, 1, 16)
   # Mutable collections pass through the quantized function.
   qapply = jq.quantized_apply(model.apply, W8A8)
