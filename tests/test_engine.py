@@ -312,3 +312,22 @@ def test_calibrated_params_survive_a_checkpoint(tmp_path):
       np.asarray(jq.quantized_apply(model.apply, recipe)(
           jq.load(tmp_path / "g.jq"), x)),
       np.asarray(jq.quantized_apply(model.apply, recipe)(grouped, x)))
+
+
+def test_weights_inside_while_loops_and_cond_branches():
+  def rnn(params, x):
+    def step(_, h):
+      return jnp.tanh(h @ params["w_h"] + x @ params["w_x"])
+    h = jax.lax.fori_loop(0, 4, step, jnp.zeros((x.shape[0], 32)))
+    return jax.lax.cond(x.sum() > 0, lambda: h @ params["out"],
+                        lambda: -(h @ params["out"]))
+
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"w_h": jax.random.normal(k[0], (32, 32)) / 6,
+            "w_x": jax.random.normal(k[1], (16, 32)) / 4,
+            "out": jax.random.normal(k[2], (32, 10)) / 6}
+  x = jax.random.normal(jax.random.key(1), (64, 16))
+  qparams, rep = check_w8a8(rnn, params, x, expect_int8=4)
+  assert qparams["w_h"].scale.shape == (1, 32)
+  # The cond's two branches each hold a matmul with `out`.
+  assert sum(op.path == "out" for op in rep.ops) == 2
