@@ -119,10 +119,12 @@ class _Tracer:
     try:
       jaxpr, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
           p_abs, d_abs)
-    except Exception as e:  # report it as a mismatch of params and model
-      raise ValueError(f"the params do not fit apply_fn ({type(e).__name__}: "
-                       f"{e}); pass params with the paths and shapes the "
-                       "model was initialised with") from e
+    except Exception as e:  # most often: params or inputs of another model
+      raise ValueError(
+          f"tracing apply_fn failed ({type(e).__name__}: {e}); the params "
+          "or arguments do not fit apply_fn: pass params with the paths and "
+          "shapes the model was initialised with, and inputs of the shapes "
+          "it expects") from e
     out_tree = jax.tree_util.tree_structure(out_shape)
     return Traced(jaxpr, out_tree, tuple(path_str(p) for p, _ in p_flat),
                   p_abs, d_abs)
