@@ -58,7 +58,8 @@ class QuantPayload:
   def of(cls, q: QArray):
     if q.spec.granularity == "group":
       return GroupPayload(q.int_values(), q.scale, q.zero_point, q.spec,
-                          q.dtype, q.spec.group_axis)
+                          q.dtype, q.act_scale, q.act_zero_point, q.act_spec,
+                          q.spec.group_axis)
     return cls(q.int_values(), q.scale, q.zero_point, q.spec, q.dtype,
                q.act_scale, q.act_zero_point, q.act_spec)
 
@@ -121,6 +122,9 @@ class GroupPayload:
   zero_point: jax.Array | None
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(metadata=dict(static=True))
+  act_scale: jax.Array | None  # static activation quantization
+  act_zero_point: jax.Array | None
+  act_spec: QuantSpec | None = dataclasses.field(metadata=dict(static=True))
   group_dim: int = dataclasses.field(metadata=dict(static=True))
 
   def expanded(self, a):
@@ -143,11 +147,8 @@ class GroupPayload:
     return DequantizedPayload(moved, _GROUP_MOVED)
 
   def stackable(self, length):
-    stack = lambda a: None if a is None else jnp.broadcast_to(
-        a, (length,) + a.shape[1:])
-    return dataclasses.replace(self, scale=stack(self.scale),
-                               zero_point=stack(self.zero_point),
-                               group_dim=self.group_dim - 1)
+    return dataclasses.replace(
+        QuantPayload.stackable(self, length), group_dim=self.group_dim - 1)
 
 
 # --------------------------------------------------------------------------
@@ -221,9 +222,9 @@ _VARYING = "weight scale varies along a contracted axis"
 _CONV_ZP = "asymmetric weights in a convolution"
 
 
-def group_problem(site: Site, spec: QuantSpec, moved: bool) -> str | None:
+def group_problem(site: Site, spec: QuantSpec) -> str | None:
   """Why a per-group weight cannot run a grouped int8 matmul here."""
-  if moved:
+  if site.moved:
     return _GROUP_MOVED
   if (site.primitive != "dot_general" or len(site.weight_contract) != 1
       or site.param_contract != {spec.group_axis}):
@@ -238,7 +239,7 @@ def int_path_problem(site: Site, payload, act_spec) -> str | None:
   if isinstance(payload, DequantizedPayload):
     return payload.reason
   if isinstance(payload, GroupPayload):
-    return group_problem(site, payload.spec, site.moved)
+    return group_problem(site, payload.spec)
   if site.primitive == "conv_general_dilated" and (
       payload.zero_point is not None):
     return _CONV_ZP
@@ -252,7 +253,7 @@ def int_path_problem(site: Site, payload, act_spec) -> str | None:
 def spec_problem(site: Site, spec: QuantSpec, act_spec) -> str | None:
   """`int_path_problem` decided from the resolved weight spec alone."""
   if spec.granularity == "group":
-    return group_problem(site, spec, site.moved)
+    return group_problem(site, spec)
   if spec.granularity == "channel" and site.param_contract & set(
       spec.channel_axes):
     return _VARYING
@@ -417,23 +418,31 @@ def _signed(q, zp, spec: QuantSpec):
 
 def static_act(payload) -> bool:
   """Whether calibrated activation scales apply at this (scan) depth."""
-  return (isinstance(payload, QuantPayload) and payload.act_scale is not None
-          and payload.act_scale.ndim == 0)
+  return (isinstance(payload, (QuantPayload, GroupPayload))
+          and payload.act_scale is not None and payload.act_scale.ndim == 0)
 
 
-def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
-  """One quantized `dot_general` / `conv_general_dilated` (see module doc)."""
-  w = site.weight_index
-  if static_act(payload):  # calibrated: clip, no reduction over x
+def quantized_activation(x, site: Site, payload, act_spec):
+  """(int8 values, keepdims scale, zero point or None) of activation `x`.
+
+  Calibrated (static) scales only clip and round; otherwise the scale comes
+  from `x` itself (`dynamic_act_scale`).
+  """
+  if static_act(payload):
     act_spec = payload.act_spec
     sx, zx = payload.act_scale, payload.act_zero_point
   else:
     sx, zx = dynamic_act_scale(x, site, act_spec)
   qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
                    act_spec)
-  sx = jnp.broadcast_to(sx, (1,) * x.ndim)  if sx.ndim == 0 else sx
-  if zx is not None:
-    zx = jnp.broadcast_to(zx, sx.shape)
+  sx = jnp.broadcast_to(sx, (1,) * x.ndim) if sx.ndim == 0 else sx
+  return qx, sx, None if zx is None else jnp.broadcast_to(zx, sx.shape)
+
+
+def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
+  """One quantized `dot_general` / `conv_general_dilated` (see module doc)."""
+  w = site.weight_index
+  qx, sx, zx = quantized_activation(x, site, payload, act_spec)
   qw, zw = _signed(payload.values, payload.zero_point, payload.spec)
   operands = (qw, qx) if w == 0 else (qx, qw)
   params = dict(eqn.params, preferred_element_type=jnp.int32)
@@ -482,9 +491,7 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
   """
   w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
   size = payload.spec.group_size
-  sx, zx = dynamic_act_scale(x, site, act_spec)
-  qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
-                   act_spec)
+  qx, sx, zx = quantized_activation(x, site, payload, act_spec)
   split = lambda a, d: a.reshape(a.shape[:d] + (a.shape[d] // size, size)
                                  + a.shape[d + 1:])
   grow = lambda dims, d: tuple(i + (i > d) for i in dims)
@@ -506,7 +513,7 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
                                            n_act_free)
   if zx is not None:
     colsum = jnp.sum(qwg, cw + 1, jnp.int32, keepdims=True)
-    acc = acc - to_x(jnp.broadcast_to(zx, sx.shape)) * to_w(colsum)
+    acc = acc - to_x(zx) * to_w(colsum)
   out = jnp.sum(acc * to_x(sx) * to_w(sw), axis=len(site.act_batch))
   return out.astype(eqn.outvars[0].aval.dtype)
 

@@ -331,3 +331,22 @@ def test_weights_inside_while_loops_and_cond_branches():
   assert qparams["w_h"].scale.shape == (1, 32)
   # The cond's two branches each hold a matmul with `out`.
   assert sum(op.path == "out" for op in rep.ops) == 2
+
+
+def test_grouped_weights_use_calibrated_activation_scales():
+  model = zoo.MLP()
+  x = jax.random.normal(jax.random.key(1), (64, 64))
+  params = model.init(jax.random.key(0), x)
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32),
+                              act=jq.uint8())])
+  stats = jq.calibrate(model.apply, params, [x], recipe, progress=False)
+  qparams = jq.quantize_params(model.apply, params, recipe, x, stats=stats)
+  qapply = jq.quantized_apply(model.apply, recipe)
+  rep = jq.report(model.apply, qparams, recipe, x)
+  assert rep.count("int8") == 3 and "static activation scale" in str(rep)
+  assert count_int8_ops(qapply, qparams, x) == (3, 3)
+  dynamic = jq.quantize_params(model.apply, params, recipe, x)
+  ref = model.apply(params, x)
+  static_out, dynamic_out = qapply(qparams, x), qapply(dynamic, x)
+  assert rel_err(static_out, ref) < 0.2 and rel_err(static_out,
+                                                    dynamic_out) > 1e-4
