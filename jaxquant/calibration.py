@@ -13,6 +13,7 @@ observer keeps).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -166,7 +167,7 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, recipe: Recipe, *,
   from tqdm.auto import tqdm  # here: importing it warns in some notebooks
   count = 0
   bar = tqdm(desc="calibrating", disable=not progress, leave=False)
-  for i, batch in enumerate(_chain(first, batches)):
+  for i, batch in enumerate(itertools.chain([first], batches)):
     args = _as_args(batch)
     if i:
       _check_batch(i, args, first)
@@ -182,11 +183,6 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, recipe: Recipe, *,
   shapes = {path: tuple(np.shape(leaf))
             for path, leaf in leaves_with_paths(params)}
   return Stats(states, owners, depth, shapes, count)
-
-
-def _chain(first, rest):
-  yield first
-  yield from rest
 
 
 def _observer_for(observer, recipe, path, depth, kwargs):
