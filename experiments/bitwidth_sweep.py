@@ -251,11 +251,8 @@ def main(argv=None):
           f"{cfg['seconds']:.1f} s.\n\n## Measured\n\n{measured}\n"
           f"## Theory (absmax clip): 10 log10(12 qmax^2) - 20 log10(crest)"
           f"\n\n{theory}")
-  (out / "results.md").write_text(text)
-  common.write_json(report, out / "results.json")
-  plot(report, out / "sqnr_vs_bits.png")
-  print(text)
-  print(f"wrote {out}/results.md, results.json, sqnr_vs_bits.png")
+  common.publish(out, text, report,
+                 {"sqnr_vs_bits.png": lambda path: plot(report, path)})
   return report
 
 

@@ -56,6 +56,17 @@ def write_table(rows: list[dict], path, title: str | None = None) -> str:
   return text
 
 
+def publish(out: Path, markdown: str, data, figures: dict) -> None:
+  """Writes results.md and results.json, draws `figures` (file name ->
+  function of the path), and prints the markdown and what was written."""
+  (out / "results.md").write_text(markdown)
+  write_json(data, out / "results.json")
+  for name, draw in figures.items():
+    draw(out / name)
+  print(markdown)
+  print(f"wrote {out}/results.md, results.json, {', '.join(figures)}")
+
+
 def _jsonable(obj):
   if isinstance(obj, dict):
     return {str(k): _jsonable(v) for k, v in obj.items()}

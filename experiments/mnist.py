@@ -617,13 +617,9 @@ def main(argv=None):
   layers = report.pop("_layer_objects")
   for name, rep in layers.items():
     rep.plot(out / "layers" / name.split()[0].lower())
-  text = markdown(report)
-  (out / "results.md").write_text(text)
-  common.write_json(report, out / "results.json")
-  plot_pareto(report["rows"], out / "pareto.png")
-  plot_calibration(report["rows"], out / "calibration.png")
-  print(text)
-  print(f"wrote {out}/results.md, results.json, pareto.png, calibration.png")
+  common.publish(out, markdown(report), report, {
+      "pareto.png": lambda path: plot_pareto(report["rows"], path),
+      "calibration.png": lambda path: plot_calibration(report["rows"], path)})
   return report
 
 

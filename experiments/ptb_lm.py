@@ -441,12 +441,8 @@ def main(argv=None):
                           seconds=time.perf_counter() - start,
                           train_tokens=len(load_ptb()["train"]))
   out = common.results_dir("ptb_lm", args.out)
-  text = markdown(result)
-  (out / "results.md").write_text(text)
-  common.write_json(result, out / "results.json")
-  plot(result, out / "ptb_lm.png")
-  print(text)
-  print(f"wrote {out}/results.md, results.json, ptb_lm.png")
+  common.publish(out, markdown(result), result,
+                 {"ptb_lm.png": lambda path: plot(result, path)})
   return result
 
 
