@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, text
-from jaxquant.api import (_param_leaves, _resolved_specs, _tag_inputs,
-                          _Tracer, quantize_params, quantized_apply)
-from jaxquant.interpreter import FloatPayload, Tagged, value
+from jaxquant.api import quantize_params, quantized_apply
+from jaxquant.transform import (FloatPayload, Handler, Tagged, Tracer,
+                                bind_plain, param_leaves, resolved_specs,
+                                tag_inputs, value)
 from jaxquant.rules import Recipe, Rule
 from jaxquant.spec import QuantSpec, int2, int3, int4, int8
 from jaxquant.tree import is_qarray, nbytes
@@ -53,30 +54,26 @@ class _PairPayload:
   def materialize(self):
     return self.float.materialize()
 
-  def apply(self, eqn, others):
-    f, q = self.float.apply(eqn, others), self.quant.apply(eqn, others)
+  def apply(self, eqn, others, rule):
+    f, q = (self.float.apply(eqn, others, rule),
+            self.quant.apply(eqn, others, rule))
     return None if q is None else _PairPayload(f, q)
 
   def stackable(self, length):
     return _PairPayload(self.float, self.quant.stackable(length))
 
 
-@dataclasses.dataclass
-class _CompareHandler:
+@dataclasses.dataclass(kw_only=True)
+class _CompareHandler(Handler):
   """Emits (path, output SQNR, activation) per matmul; continues in float."""
 
-  recipe: Recipe
-  sides: list = dataclasses.field(default_factory=list)
-
-  def dot(self, eqn, invals):
-    site = engine.find_site(eqn, invals)
-    exact = engine._bind(eqn, invals)
+  def on_matmul(self, eqn, site, rule, invals):
+    exact = bind_plain(eqn, invals)
     if site is None or not isinstance(invals[site.weight_index].payload,
                                       _PairPayload):
       return exact
     pair = invals[site.weight_index].payload
-    rule = self.recipe.match(site.path)
-    x = value(invals[1 - site.weight_index])
+    x = value(invals[site.act_index])
     quant = pair.quant
     if rule.act is not None and not engine.int_path_problem(site, quant,
                                                             rule.act):
@@ -86,11 +83,11 @@ class _CompareHandler:
                  invals[site.weight_index].axes)
       swapped = list(invals)
       swapped[site.weight_index] = w
-      approx = engine._bind(eqn, swapped)[0]
+      approx = bind_plain(eqn, swapped)[0]
     y = exact[0].astype(jnp.float32)
     noise = jnp.sum((y - approx.astype(jnp.float32)) ** 2)
-    self.sides.append((site.path, 0, jnp.stack([jnp.sum(y**2), noise])))
-    self.sides.append((site.path + "#act", 0, x))
+    self.emit(site.path, jnp.stack([jnp.sum(y**2), noise]))
+    self.emit(site.path + "#act", x)
     return exact
 
 
@@ -144,9 +141,9 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   """
   qparams = quantize_params(apply_fn, params, recipe, *args, stats=stats,
                             **kwargs)
-  traced, dyn = _Tracer(apply_fn)(params, args, kwargs)
-  leaves = _param_leaves(params)
-  qleaves = dict(zip(traced.paths, _param_leaves(qparams)))
+  traced, dyn = Tracer(apply_fn)(params, args, kwargs)
+  leaves = param_leaves(params)
+  qleaves = dict(zip(traced.paths, param_leaves(qparams)))
 
   def payload(path, leaf):
     q = qleaves[path]
@@ -157,8 +154,8 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   keys = []
 
   def run(params, dyn):
-    handler = _CompareHandler(recipe)
-    traced.evaluate(handler, _tag_inputs(traced, _param_leaves(params),
+    handler = _CompareHandler(recipe=recipe)
+    traced.evaluate(handler, tag_inputs(traced, param_leaves(params),
                                          payload), dyn)
     keys[:] = [key for key, _, _ in handler.sides]
     return [v for _, _, v in handler.sides]
@@ -234,8 +231,8 @@ def sensitivity(apply_fn: Callable, params, recipe: Recipe, *args,
   (`10^(-SQNR/10)`), which adds up across layers.
   """
   reference = apply_fn(params, *args, **kwargs)
-  traced, _ = _Tracer(apply_fn)(params, args, kwargs)
-  specs = _resolved_specs(traced, recipe, _param_leaves(params))
+  traced, _ = Tracer(apply_fn)(params, args, kwargs)
+  specs = resolved_specs(traced, recipe, param_leaves(params))
   drops = {}
   for path in specs:
     if all_but_one:
@@ -276,8 +273,8 @@ def auto_recipe(apply_fn: Callable, params, *args, budget_bytes: int,
   ordinary `Recipe`: print it, edit it.
   """
   reference = apply_fn(params, *args, **kwargs)
-  traced, _ = _Tracer(apply_fn)(params, args, kwargs)
-  leaves = dict(zip(traced.paths, _param_leaves(params)))
+  traced, _ = Tracer(apply_fn)(params, args, kwargs)
+  leaves = dict(zip(traced.paths, param_leaves(params)))
   paths = sorted(traced.contracted())
   fixed = nbytes(params) - sum(_float_bytes(leaves[p]) for p in paths)
   options = {}

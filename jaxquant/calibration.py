@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, observers, text
-from jaxquant.api import FloatPayload, _param_leaves, _tag_inputs, _Tracer
+from jaxquant.transform import Tracer, float_payload, param_leaves, tag_inputs
 from jaxquant.rules import Recipe
 from jaxquant.tree import leaves_with_paths
 
@@ -124,14 +124,13 @@ def calibrate(apply_fn: Callable, params, batches: Iterable, recipe: Recipe, *,
                      "least one batch")
   first = _as_args(first)
 
-  tracer = _Tracer(apply_fn)
+  tracer = Tracer(apply_fn)
 
   def observe(params, args):
     # Traced per batch shape (cached): jaxprs fix every intermediate shape.
     traced, dyn = tracer(params, args, {})
-    handler = engine.ObserveHandler(recipe)
-    inputs = _tag_inputs(traced, _param_leaves(params),
-                         lambda path, leaf: FloatPayload(leaf))
+    handler = engine.ObserveHandler(recipe=recipe)
+    inputs = tag_inputs(traced, param_leaves(params), float_payload)
     traced.evaluate(handler, inputs, dyn)
     return handler.sides
 

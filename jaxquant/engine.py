@@ -1,10 +1,10 @@
-"""The transform engine: quantize, fake-quantize or inspect any `apply`.
+"""Int8 execution: payloads of quantized weights, matmul kernels, handlers.
 
 `quantize_params`, `quantized_apply`, `fake_quant_apply` and `report` trace
-the user's unmodified `apply_fn(params, *args, **kwargs)` to a jaxpr once per
-abstract signature and evaluate it with `interpreter.evaluate`, handing every
+the user's unmodified `apply_fn(params, *args, **kwargs)` once per abstract
+signature (`jaxquant.transform`) and evaluate it, handing every
 `dot_general` / `conv_general_dilated` that has a parameter operand to one of
-the handlers below.
+the handlers below (`on_matmul`).
 
 Int8 matmul (W8A8), for activation x and weight w with per-row and
 per-output-channel scales:
@@ -26,11 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant import interpreter, layout, numerics
-from jaxquant.interpreter import FloatPayload, Tagged, value
+from jaxquant import numerics
 from jaxquant.qarray import QArray
-from jaxquant.rules import Recipe
 from jaxquant.spec import QuantSpec
+from jaxquant.transform import layout
+from jaxquant.transform.interpreter import Handler, LayoutRule, bind_plain
+from jaxquant.transform.site import Site
+from jaxquant.transform.tagged import FloatPayload, value
 
 INT8, WEIGHT_ONLY, FLOAT = "int8", "weight-only", "float"
 
@@ -67,19 +69,18 @@ class QuantPayload:
     return numerics.dequantize_with_scale(self.values, self.scale,
                                           self.zero_point, self.dtype)
 
-  def apply(self, eqn, others):
-    name, params = eqn.primitive.name, eqn.params
-    if name == "convert_element_type":
+  def apply(self, eqn, others, rule: LayoutRule):
+    params = eqn.params
+    if eqn.primitive.name == "convert_element_type":
       if not jnp.issubdtype(params["new_dtype"], jnp.floating):
         return None
       return dataclasses.replace(self, dtype=params["new_dtype"])
     in_shape = eqn.invars[0].aval.shape
     out_shape = eqn.outvars[0].aval.shape
-    scale = layout.apply_to_scale(name, params, self.scale, in_shape,
-                                  out_shape, others)
+    scale = rule.scale(params, self.scale, in_shape, out_shape, others)
     zp = self.zero_point
     if zp is not None:
-      zp = layout.apply_to_scale(name, params, zp, in_shape, out_shape, others)
+      zp = rule.scale(params, zp, in_shape, out_shape, others)
     if scale is None or (self.zero_point is not None and zp is None):
       return None
     values = eqn.primitive.bind(self.values, *others, **params)
@@ -139,7 +140,7 @@ class GroupPayload:
         self.dtype)
     return out.reshape(self.values.shape)
 
-  def apply(self, eqn, others):
+  def apply(self, eqn, others, rule: LayoutRule):
     if eqn.primitive.name == "convert_element_type" and jnp.issubdtype(
         eqn.params["new_dtype"], jnp.floating):
       return dataclasses.replace(self, dtype=eqn.params["new_dtype"])
@@ -152,66 +153,7 @@ class GroupPayload:
 
 
 # --------------------------------------------------------------------------
-# Where a matmul meets a parameter
-
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-  """A matmul with a parameter operand, in the terms of its dimensions."""
-
-  path: str
-  primitive: str
-  weight_index: int
-  weight_contract: tuple[int, ...]
-  weight_batch: tuple[int, ...]
-  act_contract: tuple[int, ...]
-  act_batch: tuple[int, ...]
-  param_contract: frozenset
-  weight_shape: tuple[int, ...]
-  act_shape: tuple[int, ...]
-  eqn_id: int  # id() of the jaxpr equation, to tell sites apart
-  batch_groups: int = 1  # a convolution's batch_group_count
-  moved: bool = False  # the weight went through a non-cast layout op
-
-
-def find_site(eqn, invals) -> Site | None:
-  """The parameter operand of a dot / conv, or None when there is none."""
-  tagged = [i for i, v in enumerate(invals[:2]) if isinstance(v, Tagged)]
-  if not tagged:
-    return None
-  w = 1 if 1 in tagged else 0
-  a = 1 - w
-  shapes = [v.aval.shape for v in eqn.invars[:2]]
-  if eqn.primitive.name == "dot_general":
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    contract, batch = ((lc, rc), (lb, rb))
-    wc, wb, ac, ab = contract[w], batch[w], contract[a], batch[a]
-  else:
-    if w != 1:
-      return None
-    lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
-    wc, wb = tuple(rhs_spec[1:]), ()
-    ac, ab = tuple(lhs_spec[1:]), (lhs_spec[0],)
-  axes = invals[w].axes
-  contracted = frozenset().union(*(axes[d] for d in wc))
-  return Site(invals[w].path, eqn.primitive.name, w, tuple(wc), tuple(wb),
-              tuple(ac), tuple(ab), contracted, tuple(shapes[w]),
-              tuple(shapes[a]), id(eqn),
-              eqn.params.get("batch_group_count", 1), invals[w].moved)
-
-
-def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
-                 path: str) -> QuantSpec:
-  """Fills in the axes a spec left to the model: channels = non-contracted."""
-  if spec.granularity == "channel" and spec.channel_axes is None:
-    spec = dataclasses.replace(spec, channel_axes=tuple(
-        a for a in range(ndim) if a not in contracted))
-  elif spec.granularity == "group" and spec.group_axis is None:
-    if not contracted:
-      raise ValueError(f"{path}: no contraction axis to group along; give "
-                       "group_axis= in the spec")
-    spec = dataclasses.replace(spec, group_axis=max(contracted))
-  return numerics.resolve_axes(spec, ndim, path)
+# Which matmuls can run int8
 
 
 _GROUPED = ("per-group scales need the group axis to be the only "
@@ -280,36 +222,14 @@ class OpRecord:
 # Handlers
 
 
-def _bind(eqn, invals):
-  return interpreter._bind(eqn, [value(v) for v in invals])
-
-
-@dataclasses.dataclass
-class AnalyzeHandler:
-  """Records which parameter axes every matmul contracts; computes float."""
-
-  sites: list = dataclasses.field(default_factory=list)
-
-  def dot(self, eqn, invals):
-    site = find_site(eqn, invals)
-    if site is not None:
-      self.sites.append(site)
-    return _bind(eqn, invals)
-
-
-@dataclasses.dataclass
-class ObserveHandler:
+@dataclasses.dataclass(kw_only=True)
+class ObserveHandler(Handler):
   """Emits the activation operand of every matmul a rule quantizes."""
 
-  recipe: Recipe
-  sides: list = dataclasses.field(default_factory=list)
-
-  def dot(self, eqn, invals):
-    site = find_site(eqn, invals)
-    rule = None if site is None else self.recipe.match(site.path)
+  def on_matmul(self, eqn, site, rule, invals):
     if rule is not None and rule.weight is not None:
-      self.sides.append((site.path, 0, value(invals[1 - site.weight_index])))
-    return _bind(eqn, invals)
+      self.emit(site.path, value(invals[site.act_index]))
+    return bind_plain(eqn, invals)
 
 
 def dynamic_act_scale(x, site: Site, spec: QuantSpec):
@@ -331,58 +251,52 @@ def dynamic_act_scale(x, site: Site, spec: QuantSpec):
   return numerics.scale_from_range(lo, hi, spec)
 
 
-@dataclasses.dataclass
-class FakeQuantHandler:
+@dataclasses.dataclass(kw_only=True)
+class FakeQuantHandler(Handler):
   """Fake-quantizes the activation of every matmul that would run int8."""
 
-  recipe: Recipe
   specs: dict  # path -> resolved weight spec
 
-  def dot(self, eqn, invals):
-    site = find_site(eqn, invals)
-    rule = None if site is None else self.recipe.match(site.path)
+  def on_matmul(self, eqn, site, rule, invals):
     if rule is None or rule.act is None or site.path not in self.specs or (
         spec_problem(site, self.specs[site.path], rule.act)):
-      return _bind(eqn, invals)
-    a = 1 - site.weight_index
+      return bind_plain(eqn, invals)
+    a = site.act_index
     x = value(invals[a])
     scale, zp = dynamic_act_scale(x, site, rule.act)
     invals = list(invals)
     invals[a] = numerics.fake_quant_with_scale(x, scale, zp, rule.act)
-    return _bind(eqn, invals)
+    return bind_plain(eqn, invals)
 
 
-@dataclasses.dataclass
-class QuantizedHandler:
+@dataclasses.dataclass(kw_only=True)
+class QuantizedHandler(Handler):
   """Runs int8 x int8 -> int32 matmuls; records what ran how."""
 
-  recipe: Recipe
   records: list = dataclasses.field(default_factory=list)
 
-  def dot(self, eqn, invals):
-    site = find_site(eqn, invals)
+  def on_matmul(self, eqn, site, rule, invals):
     if site is None:
       self._record(eqn, invals, None, FLOAT, "no parameter kernel operand")
-      return _bind(eqn, invals)
+      return bind_plain(eqn, invals)
     payload = invals[site.weight_index].payload
-    rule = self.recipe.match(site.path)
     if not isinstance(payload, (QuantPayload, GroupPayload,
                                 DequantizedPayload)):
       self._record(eqn, invals, site, FLOAT, "parameter not quantized")
-      return _bind(eqn, invals)
+      return bind_plain(eqn, invals)
     if rule is None or rule.act is None:
       self._record(eqn, invals, site, WEIGHT_ONLY, "no activation spec")
-      return _bind(eqn, invals)
+      return bind_plain(eqn, invals)
     problem = int_path_problem(site, payload, rule.act)
     if problem:
       self._record(eqn, invals, site, WEIGHT_ONLY, problem, rule.act)
-      return _bind(eqn, invals)
+      return bind_plain(eqn, invals)
     if static_act(payload):
       self._record(eqn, invals, site, INT8, "static activation scale",
                    payload.act_spec)
     else:
       self._record(eqn, invals, site, INT8, "", rule.act)
-    x = value(invals[1 - site.weight_index])
+    x = value(invals[site.act_index])
     if isinstance(payload, GroupPayload):
       return [grouped_int8_matmul(eqn, site, x, payload, rule.act)]
     return [int8_matmul(eqn, site, x, payload, rule.act)]
