@@ -121,7 +121,7 @@ def bench_qat(name, model, x, rounds, calls, with_peers=False):
         lambda a, g: a - 1e-3 * g, p, jax.grad(loss)(p)))
 
   variants = {"float": (step_of(model.apply), (params,)),
-              "jaxquant": (step_of(jq.fake_quant(model.apply, W8A8)),
+              "jaxquant": (step_of(jq.fake_quant_apply(model.apply, W8A8)),
                            (params,))}
   if with_peers and peers.available()["aqt"] and isinstance(model, MLP):
     fn, p = peers.aqt_w8a8(model.hidden, 2, params, x)

@@ -108,7 +108,7 @@ def observer_for(clip, spec, view, axes):
 
 
 def calibrate(obs, view):
-  return obs.range(obs.update(obs.init(view), view))
+  return obs.finalize(obs.update(obs.init(view), view))
 
 
 def quantized(w, bits, granularity, clip, cache):

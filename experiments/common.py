@@ -4,7 +4,7 @@
   write_table(rows, out / "results.md")          # rows: list of dicts
   write_json({"rows": rows}, out / "results.json")
   save_figure(fig, out / "plot.png")
-  sqnr_db(x, x_hat)              # 10 log10(sum x^2 / sum (x - x_hat)^2)
+  sqnr_db(x, x_hat)              # jq.sqnr_db: 10 log10(sum x^2 / sum err^2)
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ matplotlib.use("Agg")  # files only, never a display
 
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+
+from jaxquant import sqnr_db  # noqa: E402,F401  (re-exported for the scripts)
 
 
 def results_dir(name: str, out=None) -> Path:
@@ -89,24 +91,6 @@ def save_figure(fig, path, dpi: int = 120) -> None:
   import matplotlib.pyplot as plt
   fig.savefig(path, dpi=dpi, bbox_inches="tight")
   plt.close(fig)
-
-
-def sqnr_db(reference, approx) -> float:
-  """Signal-to-quantization-noise ratio, 10 log10(sum ref^2 / sum err^2).
-
-  `reference` / `approx` may be arrays or equal-length lists of arrays
-  (summed over all of them). inf when the error is exactly zero.
-  """
-  if isinstance(reference, (list, tuple)):
-    ref = np.concatenate([np.asarray(r, np.float64).ravel() for r in reference])
-    app = np.concatenate([np.asarray(a, np.float64).ravel() for a in approx])
-  else:
-    ref = np.asarray(reference, np.float64)
-    app = np.asarray(approx, np.float64)
-  noise = np.sum((ref - app) ** 2)
-  if noise == 0:
-    return math.inf
-  return float(10 * np.log10(np.sum(ref**2) / noise))
 
 
 def progress(iterable, desc: str | None = None, **kwargs):

@@ -92,8 +92,8 @@ def main(argv=None):
 
   # Real int8 execution: int8 weights, activations with calibrated scales.
   recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.uint8())])
-  stats = jq.calibrate(model.apply, params, [x_train[i:i + 128] for i in
-                                             range(0, 512, 128)], recipe)
+  stats = jq.calibrate(model.apply, params, recipe,
+                       [x_train[i:i + 128] for i in range(0, 512, 128)])
   qparams = jq.quantize_params(model.apply, params, recipe, x_test,
                                stats=stats)
   qapply = jax.jit(jq.quantized_apply(model.apply, recipe))

@@ -22,7 +22,7 @@ s8 x s8 -> s32 matmuls and convolutions) except the float baseline:
           20 training batches of 128 (`jq.calibrate`, observer "minmax" or
           "mse") or dynamic (scale per example computed at run time).
   QAT     trained from scratch (same initialisation, schedule and epochs as
-          float) with `jq.fake_quant(model.apply, recipe)`: per-channel int8 /
+          float) with `jq.fake_quant_apply(model.apply, recipe)`: per-channel int8 /
           int4 / int2 weights, dynamic int8 activations (exactly what
           `quantized_apply` then runs); then `quantize_params` +
           `quantized_apply`.
@@ -284,7 +284,7 @@ def run(quick: bool, epochs: float, seed: int) -> dict:
   batches = [calib_x[i * BATCH:(i + 1) * BATCH]
              for i in range(CALIB_BATCHES)]
   grid = ptq_grid(quick)
-  stats = {obs: jq.calibrate(model.apply, params, batches, recipe(8),
+  stats = {obs: jq.calibrate(model.apply, params, recipe(8), batches,
                              observer=obs, progress=_tty())
            for obs in sorted({c for _, _, c in grid} - {"dynamic"})}
   phase["calibrate"] = time.perf_counter() - t
@@ -302,7 +302,7 @@ def run(quick: bool, epochs: float, seed: int) -> dict:
     qparams = jq.quantize_params(model.apply, trained, recipe(bits), example)
     extra = {"train": info}
     if not quick:  # the fake-quant forward, for comparison (one more compile)
-      fake = jax.jit(jq.fake_quant(model.apply, recipe(bits)))
+      fake = jax.jit(jq.fake_quant_apply(model.apply, recipe(bits)))
       extra["fake_quant_accuracy"] = accuracy(fake, trained, x_test, y_test)
     return add(name, method, bits, "channel", "dynamic",
                accuracy(qapply(bits, "channel"), qparams, x_test, y_test),

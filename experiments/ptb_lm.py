@@ -21,7 +21,7 @@ subset):
   W4A16         int4 weights, one scale per group of 32 along the
                 contraction axis, float activations (weight-only)
   W4A16 QAT     the float model fine-tuned for `qat_steps` more steps with
-                `jq.fake_quant(model.apply, W4A16 recipe)`, then quantized
+                `jq.fake_quant_apply(model.apply, W4A16 recipe)`, then quantized
                 with `jq.quantize_params` and run with `jq.quantized_apply`
   control       the float model trained the same extra `qat_steps` steps
                 without fake-quant (same optimizer and schedule), in float
@@ -282,7 +282,7 @@ def run(cfg: Config, seed: int, log=print):
                                     desc="train control", **fine_tune)
   rng.bit_generator.state = qat_state
   with timer("train_qat"):
-    qat_params, qat_losses = train(jq.fake_quant(model.apply, recs["W4A16"]),
+    qat_params, qat_losses = train(jq.fake_quant_apply(model.apply, recs["W4A16"]),
                                    params, batches, desc="train QAT W4A16",
                                    **fine_tune)
 

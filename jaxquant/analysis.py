@@ -33,10 +33,24 @@ from jaxquant.tree import is_qarray, nbytes
 
 
 def sqnr_db(reference, approx) -> float:
-  reference = jnp.asarray(reference, jnp.float32)
-  noise = jnp.sum((reference - jnp.asarray(approx, jnp.float32)) ** 2)
-  return float(10 * jnp.log10(jnp.sum(reference**2) / jnp.maximum(
-      noise, 1e-30)))
+  """Signal-to-quantization-noise ratio in dB, over all elements.
+
+  SQNR = 10 log10(sum(reference^2) / sum((reference - approx)^2)), in
+  float64; inf when `approx` equals `reference`. Both may be arrays or
+  pytrees of arrays with the same structure (summed over every leaf).
+
+  Example:
+    >>> import jaxquant as jq
+    >>> round(jq.sqnr_db([1.0, -1.0], [1.1, -0.9]), 6)
+    20.0
+  """
+  leaves = lambda t: [np.asarray(l, np.float64).ravel()
+                      for l in jax.tree_util.tree_leaves(t)]
+  ref, app = np.concatenate(leaves(reference)), np.concatenate(leaves(approx))
+  noise = np.sum((ref - app) ** 2)
+  if noise == 0:
+    return math.inf
+  return float(10 * np.log10(np.sum(ref**2) / noise))
 
 
 # --------------------------------------------------------------------------
@@ -133,14 +147,15 @@ class LayerReport:
 
 
 def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
-                 stats=None, **kwargs) -> LayerReport:
+                 stats=None, model_kwargs: dict | None = None) -> LayerReport:
   """Per quantized layer: ranges, clips, bits, weight and output SQNR.
 
   `params` are float; they are quantized with `quantize_params` (with
   `stats`, activations use the static calibrated scales).
   """
+  kwargs = dict(model_kwargs or {})
   qparams = quantize_params(apply_fn, params, recipe, *args, stats=stats,
-                            **kwargs)
+                            model_kwargs=kwargs)
   traced, dyn = Tracer(apply_fn)(params, args, kwargs)
   leaves = param_leaves(params)
   qleaves = dict(zip(traced.paths, param_leaves(qparams)))
@@ -213,14 +228,15 @@ def _default_metric(reference):
 
 
 def _outputs(apply_fn, params, recipe, args, kwargs):
-  qparams = quantize_params(apply_fn, params, recipe, *args, **kwargs)
+  qparams = quantize_params(apply_fn, params, recipe, *args,
+                            model_kwargs=kwargs)
   out = jax.jit(quantized_apply(apply_fn, recipe))(qparams, *args, **kwargs)
   return out, qparams
 
 
 def sensitivity(apply_fn: Callable, params, recipe: Recipe, *args,
                 metric: Callable | None = None, all_but_one: bool = False,
-                **kwargs) -> dict[str, float]:
+                model_kwargs: dict | None = None) -> dict[str, float]:
   """How much quantizing each layer alone (or all but it) changes a metric.
 
   `metric(outputs) -> float`, higher is better (pass `-loss` for a loss;
@@ -230,6 +246,7 @@ def sensitivity(apply_fn: Callable, params, recipe: Recipe, *args,
   is the quantization noise power relative to the output power
   (`10^(-SQNR/10)`), which adds up across layers.
   """
+  kwargs = dict(model_kwargs or {})
   reference = apply_fn(params, *args, **kwargs)
   traced, _ = Tracer(apply_fn)(params, args, kwargs)
   specs = resolved_specs(traced, recipe, param_leaves(params))
@@ -259,7 +276,7 @@ DEFAULT_CANDIDATES = (int8(), QuantSpec(bits=6), QuantSpec(bits=5), int4(), int3
 def auto_recipe(apply_fn: Callable, params, *args, budget_bytes: int,
                 candidates: Sequence[QuantSpec | None] = DEFAULT_CANDIDATES,
                 act: QuantSpec | None = None, metric: Callable | None = None,
-                **kwargs) -> Recipe:
+                model_kwargs: dict | None = None) -> Recipe:
   """Chooses a weight spec per layer minimising the metric drop in a budget.
 
   Each layer is quantized alone with each candidate (None = keep float) to
@@ -272,6 +289,7 @@ def auto_recipe(apply_fn: Callable, params, *args, budget_bytes: int,
   result never loses to a uniform width of the same size). The result is an
   ordinary `Recipe`: print it, edit it.
   """
+  kwargs = dict(model_kwargs or {})
   reference = apply_fn(params, *args, **kwargs)
   traced, _ = Tracer(apply_fn)(params, args, kwargs)
   leaves = dict(zip(traced.paths, param_leaves(params)))

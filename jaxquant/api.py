@@ -2,8 +2,12 @@
 
   qparams = jq.quantize_params(model.apply, params, recipe, x)
   qapply  = jax.jit(jq.quantized_apply(model.apply, recipe))
-  qat     = jq.fake_quant(model.apply, recipe)      # same signature as apply
+  qat     = jq.fake_quant_apply(model.apply, recipe)  # same signature as apply
   print(jq.report(model.apply, qparams, recipe, x))
+
+Every model-level function takes `(apply_fn, params, recipe, *example_args)`
+and keyword-only options; keyword arguments of the model go through
+`model_kwargs=`, never mixed with the options.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from jaxquant.tree import is_qarray
 
 
 def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
-                    stats=None, **kwargs):
+                    stats=None, model_kwargs: dict | None = None):
   """Quantizes every parameter that `apply_fn` multiplies in a matmul.
 
   `apply_fn(params, *args, **kwargs)` is traced once, abstractly, to read
@@ -41,7 +45,8 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
   over the activation at run time. For inputs that are never negative
   (after a ReLU) `act=jq.uint8()` uses all 256 levels on [min, max].
   """
-  traced, _ = Tracer(apply_fn)(params, args, kwargs)
+  _check_recipe(recipe)
+  traced, _ = Tracer(apply_fn)(params, args, dict(model_kwargs or {}))
   leaves = param_leaves(params)
   specs = resolved_specs(traced, recipe, leaves)
   if stats is not None:
@@ -72,6 +77,13 @@ def _with_static_act(q: QArray, path, act, stats) -> QArray:
   scale, zero_point = numerics.scale_from_range(lo, hi, act)
   return dataclasses.replace(q, act_scale=scale, act_zero_point=zero_point,
                              act_spec=act)
+
+
+def _check_recipe(recipe) -> None:
+  if not isinstance(recipe, Recipe):
+    raise ValueError(f"recipe must be a jq.Recipe, got {type(recipe).__name__};"
+                     " model-level functions take (apply_fn, params, recipe, "
+                     "*example_args)")
 
 
 def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
@@ -149,19 +161,20 @@ class Report:
     return text.table(head, rows) + "\n" + summary
 
 
-def report(apply_fn: Callable, params=None, recipe: Recipe | None = None,
-           *args, **kwargs):
+def report(apply_fn: Callable, params, recipe: Recipe, *args,
+           model_kwargs: dict | None = None) -> Report:
   """Which matmuls run int8, weight-only or float, and why.
 
   `params` may be float (they are quantized with `quantize_params` first)
   or already quantized. Nothing is computed: the model is traced abstractly.
-  `report(stats)` instead tabulates calibrated activation ranges; for
-  per-layer SQNR and figures see `jq.layer_report`.
+  For calibrated activation ranges print `stats.table()`; for per-layer
+  SQNR and figures see `jq.layer_report`.
   """
-  if hasattr(apply_fn, "table") and params is None:  # calibration Stats
-    return apply_fn.table()
+  _check_recipe(recipe)
+  kwargs = dict(model_kwargs or {})
   if not any(is_qarray(l) for l in param_leaves(params)):
-    params = quantize_params(apply_fn, params, recipe, *args, **kwargs)
+    params = quantize_params(apply_fn, params, recipe, *args,
+                             model_kwargs=kwargs)
   traced, dyn = Tracer(apply_fn)(params, args, kwargs)
   records = []
 

@@ -1,53 +1,64 @@
 """Calibration: observe the activations entering every quantized matmul.
 
-  stats = jq.calibrate(model.apply, params, batches, recipe, observer="mse")
+As a loop over batches:
+
+  stats = jq.calibrate(model.apply, params, recipe, batches, observer="mse")
   qparams = jq.quantize_params(model.apply, params, recipe, x, stats=stats)
 
-`calibrate` traces the model once and runs one jitted step per batch: the
-forward pass plus the observers' `update`. Each weight path gets one
-per-tensor activation range; a weight stacked by `nn.scan` gets one range
-per layer (the observed activation is stacked along the scan axis, which the
-observer keeps).
+or as a pure `init` / `update` pair, optax-style, for your own data loop:
+
+  cal = jq.calibration(model.apply, recipe, observer="minmax")
+  stats = cal.init(params, x)                  # empty observer states
+  update = jax.jit(cal.update)
+  for batch in batches:
+    stats = update(stats, params, batch)
+
+Each weight path gets one per-tensor activation range; a weight stacked by
+`nn.scan` gets one range per layer (the observed activation is stacked along
+the scan axis, which the observer keeps). `Stats` is a pytree:
+`jq.save(path, stats)` and `jq.load(path, like=cal.init(params, x))`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, observers, text
-from jaxquant.transform import Tracer, float_payload, param_leaves, tag_inputs
 from jaxquant.rules import Recipe
+from jaxquant.transform import Tracer, float_payload, param_leaves, tag_inputs
 from jaxquant.tree import leaves_with_paths
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Stats:
-  """Observer states of the activations, keyed by weight path.
+  """Observer states of the activations, keyed by weight path; a pytree.
 
   Attributes:
     states: path -> observer state of the activation entering its matmul.
-    observers: path -> the `Observer` that owns that state.
-    depth: path -> number of enclosing `scan`s (leading per-layer axes).
-    param_shapes: path -> shape of every parameter leaf of the model.
-    num_batches: batches observed.
+    num_batches: batches observed (an int32 scalar array).
+    observers: (path, `Observer`) pairs, the owner of each state (static).
+    depth: (path, number of enclosing `scan`s) pairs (static).
+    param_shapes: (path, shape) of every parameter leaf of the model
+      (static), to check that quantized params belong to this model.
   """
 
   states: dict[str, Any]
-  observers: dict[str, observers.Observer]
-  depth: dict[str, int]
-  param_shapes: dict[str, tuple[int, ...]]
-  num_batches: int
+  num_batches: jax.Array
+  observers: tuple = dataclasses.field(metadata=dict(static=True))
+  depth: tuple = dataclasses.field(metadata=dict(static=True))
+  param_shapes: tuple = dataclasses.field(metadata=dict(static=True))
 
   def act_range(self, path: str):
     """(lo, hi) for the activation of `path`: shape () or (layers,)."""
-    lo, hi = self.observers[path].range(self.states[path])
-    keep = lo.shape[:self.depth[path]]
+    lo, hi = dict(self.observers)[path].finalize(self.states[path])
+    keep = lo.shape[:dict(self.depth)[path]]
     return lo.reshape(keep), hi.reshape(keep)
 
   def table(self) -> "RangeTable":
@@ -56,12 +67,12 @@ class Stats:
     for path in self.states:
       lo, hi = (np.asarray(a) for a in self.act_range(path))
       rows.append((path, float(lo.min()), float(hi.max()), lo.size))
-    return RangeTable(tuple(rows), self.num_batches)
+    return RangeTable(tuple(rows), int(self.num_batches))
 
   def check_model(self, paths, shapes) -> None:
     """Raises ValueError when `params` are not those of the stats' model."""
     given = dict(zip(paths, shapes))
-    for path, shape in self.param_shapes.items():
+    for path, shape in self.param_shapes:
       if given.get(path) != shape:
         raise ValueError(
             f"stats come from another model: {path} has shape "
@@ -71,7 +82,7 @@ class Stats:
 
 @dataclasses.dataclass(frozen=True)
 class RangeTable:
-  """`jq.report(stats)`: (path, lo, hi, ranges kept) rows, printable."""
+  """`stats.table()`: (path, lo, hi, ranges kept) rows, printable."""
 
   rows: tuple[tuple[str, float, float, int], ...]
   num_batches: int
@@ -82,8 +93,115 @@ class RangeTable:
             + f"\n({self.num_batches} batches observed)")
 
 
+class Calibration(NamedTuple):
+  """A pure calibration pair (see `calibration`).
+
+  Attributes:
+    init: `(params, *batch) -> Stats` with empty observer states; the batch
+      gives shapes only.
+    update: `(stats, params, *batch) -> Stats`, pure and jittable.
+  """
+
+  init: Callable[..., Stats]
+  update: Callable[..., Stats]
+
+
 def _as_args(batch) -> tuple:
   return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def calibration(apply_fn: Callable, recipe: Recipe, *,
+                observer: str | observers.Observer = "minmax",
+                observer_options: dict | None = None,
+                model_kwargs: dict | None = None) -> Calibration:
+  """Observation of every activation the recipe quantizes, as init / update.
+
+  Args:
+    apply_fn: the model's apply function, `apply_fn(params, *batch,
+      **model_kwargs)`.
+    recipe: matmuls whose weight it quantizes are observed.
+    observer: "minmax", "ema", "percentile", "mse" (MSE-optimal for each
+      rule's `act` spec), or an `Observer` (for models without `nn.scan`).
+    observer_options: keyword arguments of the observer, e.g.
+      `{"percent": 99.99}`.
+    model_kwargs: keyword arguments passed to `apply_fn` on every batch.
+
+  Returns:
+    A `Calibration` pair `(init, update)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jaxquant as jq
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((8, 16))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8(),
+    act=...                             act=jq.int8())])
+    >>> cal = jq.calibration(model.apply, recipe)
+    >>> stats = cal.init(params, x)
+    >>> stats = jax.jit(cal.update)(stats, params, 2 * x)
+    >>> [float(v) for v in stats.act_range("params/kernel")]
+    [-2.0, 2.0]
+  """
+  options = dict(observer_options or {})
+  observe = _observer_of(apply_fn, recipe, model_kwargs)
+
+  def init(params, *batch) -> Stats:
+    keys = []  # (path, depth) of each emitted activation, in order
+
+    def abstract(p, a):
+      sides = observe(p, a)
+      keys.extend((k, d) for k, d, _ in sides)
+      return [x for _, _, x in sides]
+
+    emitted = jax.eval_shape(abstract, params, batch)
+    depth = dict(keys)
+    for path, d in keys:
+      if depth[path] != d:
+        raise ValueError(f"{path} is multiplied both inside and outside a "
+                         "scan; calibrate it with a separate rule")
+    owners = {path: _observer_for(observer, recipe, path, d, options)
+              for path, d in depth.items()}
+    states = {}
+    for (path, _), example in zip(keys, emitted):
+      states.setdefault(path, owners[path].init(example))
+    shapes = tuple((path, tuple(np.shape(leaf)))
+                   for path, leaf in leaves_with_paths(params))
+    return Stats(states, jnp.zeros((), jnp.int32), tuple(owners.items()),
+                 tuple(depth.items()), shapes)
+
+  def update(stats: Stats, params, *batch) -> Stats:
+    return _observed(stats, observe(params, batch))[0]
+
+  return Calibration(init, update)
+
+
+def _observer_of(apply_fn, recipe, model_kwargs):
+  """`(params, args) -> [(path, depth, activation)]`, in evaluation order."""
+  tracer = Tracer(apply_fn)
+  model_kwargs = dict(model_kwargs or {})
+
+  def observe(params, args):
+    # Traced per batch shape (cached): jaxprs fix every intermediate shape.
+    traced, dyn = tracer(params, args, model_kwargs)
+    handler = engine.ObserveHandler(recipe=recipe)
+    traced.evaluate(handler, tag_inputs(traced, param_leaves(params),
+                                        float_payload), dyn)
+    return handler.sides
+
+  return observe
+
+
+def _observed(stats: Stats, sides):
+  """Stats after one batch's side values, and per value whether finite."""
+  owners = dict(stats.observers)
+  states, finite = dict(stats.states), []
+  for key, _, x in sides:
+    x = x.astype(jnp.float32)
+    finite.append(jnp.all(jnp.isfinite(x)))
+    states[key] = owners[key].update(states[key], x)
+  return dataclasses.replace(stats, states=states,
+                             num_batches=stats.num_batches + 1), finite
 
 
 def _shapes(args):
@@ -98,101 +216,97 @@ def _check_batch(i, args, first):
                      "batches may differ in the leading (batch) axis only")
 
 
-def calibrate(apply_fn: Callable, params, batches: Iterable, recipe: Recipe, *,
-              observer: str | observers.Observer = "minmax",
-              progress: bool = True, **observer_kwargs) -> Stats:
+def calibrate(apply_fn: Callable, params, recipe: Recipe, batches: Iterable,
+              *, observer: str | observers.Observer = "minmax",
+              observer_options: dict | None = None,
+              model_kwargs: dict | None = None,
+              progress: bool = True) -> Stats:
   """Observes the activation input of every matmul the recipe quantizes.
+
+  The loop over `calibration(...)`'s `init` / `update`, one jitted step per
+  batch, checking each batch for NaN/inf.
 
   Args:
     apply_fn: the model's apply function, `apply_fn(params, *batch)`.
     params: its float parameters.
+    recipe: the `Recipe`; matmuls whose weight it quantizes are observed.
     batches: an iterable of batches; a batch is one array or a tuple of
       positional arguments.
-    recipe: the `Recipe`; matmuls whose weight it quantizes are observed.
-    observer: "minmax", "ema", "percentile", "mse" (MSE-optimal for each
-      rule's `act` spec), or an `Observer` (for models without `nn.scan`).
+    observer, observer_options, model_kwargs: as in `calibration`.
     progress: show a progress bar.
-    **observer_kwargs: passed to the observer, e.g. `percent=99.99`.
 
   Returns:
-    `Stats`, for `quantize_params(..., stats=...)` and `report(stats, ...)`.
+    `Stats`, for `quantize_params(..., stats=...)`; `stats.table()` prints
+    the ranges.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jaxquant as jq
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((8, 16))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8(),
+    act=...                             act=jq.int8())])
+    >>> stats = jq.calibrate(model.apply, params, recipe, [x, -3 * x],
+    ...                      progress=False)
+    >>> int(stats.num_batches), [float(v) for v in stats.act_range(
+    ...     "params/kernel")]
+    (2, [-3.0, 3.0])
   """
+  if isinstance(batches, Recipe) and not isinstance(recipe, Recipe):
+    raise ValueError("calibrate takes (apply_fn, params, recipe, batches): "
+                     "pass the recipe before the batches")
+  if not isinstance(recipe, Recipe):
+    raise ValueError(f"recipe must be a jq.Recipe, got {type(recipe).__name__}")
   batches = iter(batches)
   first = next(batches, None)
   if first is None:
     raise ValueError("calibrate got no batches; pass an iterable with at "
                      "least one batch")
   first = _as_args(first)
-
-  tracer = Tracer(apply_fn)
-
-  def observe(params, args):
-    # Traced per batch shape (cached): jaxprs fix every intermediate shape.
-    traced, dyn = tracer(params, args, {})
-    handler = engine.ObserveHandler(recipe=recipe)
-    inputs = tag_inputs(traced, param_leaves(params), float_payload)
-    traced.evaluate(handler, inputs, dyn)
-    return handler.sides
-
-  keys = []  # (path, depth) of each emitted activation, in order
-
-  def abstract(p, a):
-    sides = observe(p, a)
-    keys.extend((k, d) for k, d, _ in sides)
-    return [x for _, _, x in sides]
-
-  emitted = jax.eval_shape(abstract, params, first)
-  depth = dict(keys)
-  for path, d in keys:
-    if depth[path] != d:
-      raise ValueError(f"{path} is multiplied both inside and outside a scan; "
-                       "calibrate it with a separate rule")
-  owners = {path: _observer_for(observer, recipe, path, d, observer_kwargs)
-            for path, d in depth.items()}
-  states = {}
-  for (path, _), example in zip(keys, emitted):
-    states.setdefault(path, owners[path].init(example))
+  cal = calibration(apply_fn, recipe, observer=observer,
+                    observer_options=observer_options,
+                    model_kwargs=model_kwargs)
+  stats = cal.init(params, *first)
+  observe = _observer_of(apply_fn, recipe, model_kwargs)
+  keys = []  # the path of each finiteness flag, recorded while tracing
 
   @jax.jit
-  def step(states, params, args):
-    states = dict(states)
-    finite = []
-    for key, _, x in observe(params, args):
-      x = x.astype(jnp.float32)
-      finite.append(jnp.all(jnp.isfinite(x)))
-      states[key] = owners[key].update(states[key], x)
-    return states, finite
+  def step(stats, params, args):
+    sides = observe(params, args)
+    keys[:] = [key for key, _, _ in sides]
+    return _observed(stats, sides)
 
   from tqdm.auto import tqdm  # here: importing it warns in some notebooks
-  count = 0
   bar = tqdm(desc="calibrating", disable=not progress, leave=False)
   for i, batch in enumerate(itertools.chain([first], batches)):
     args = _as_args(batch)
     if i:
       _check_batch(i, args, first)
-    new_states, finite = step(states, params, args)
-    bad = [k for (k, _), ok in zip(keys, jax.device_get(finite)) if not ok]
+    new_stats, finite = step(stats, params, args)
+    bad = [k for k, ok in zip(keys, jax.device_get(finite)) if not ok]
     if bad:
       raise ValueError(f"batch {i}: NaN/inf in the activation entering "
                        f"{bad[0]} (the first quantized matmul where it "
                        "appears); check the model and the batch")
-    states, count = new_states, count + 1
+    stats = new_stats
     bar.update()
   bar.close()
-  shapes = {path: tuple(np.shape(leaf))
-            for path, leaf in leaves_with_paths(params)}
-  return Stats(states, owners, depth, shapes, count)
+  return stats
 
 
-def _observer_for(observer, recipe, path, depth, kwargs):
+def _observer_for(observer, recipe, path, depth, options):
   if isinstance(observer, observers.Observer):
     if depth:
       raise ValueError(f"{path} sits inside an nn.scan: give the observer by "
                        "name (e.g. observer='minmax') so it keeps one range "
                        "per layer")
+    if options:
+      raise ValueError("observer_options apply to an observer given by "
+                       "name; configure an Observer object when building it")
     return observer
   axes = tuple(range(depth)) or None
   if observer == "mse":
-    kwargs = dict(kwargs, spec=kwargs.get("spec", recipe.match(path).act or
-                                          recipe.match(path).weight))
-  return observers.from_name(observer, axes=axes, **kwargs)
+    rule = recipe.match(path)
+    options = dict(options, spec=options.get("spec", rule.act or rule.weight))
+  return observers.from_name(observer, axes=axes, **options)

@@ -1,10 +1,10 @@
-"""Calibration observers: pure `(init, update, range)` triples, optax-style.
+"""Calibration observers: pure `(init, update, finalize)` triples, optax-style.
 
 An `Observer` watches a stream of batches and proposes a clip range:
 
   state = obs.init(example)           # example: an array (only shape/dtype)
   state = obs.update(state, batch)    # pure, fixed shapes, works under jax.jit
-  lo, hi = obs.range(state)           # keepdims: size 1 on reduced axes
+  lo, hi = obs.finalize(state)        # keepdims: size 1 on reduced axes
 
 `axes=None` gives one range for the whole tensor; `axes=(a, ...)` lists the
 axes that keep their own range (per channel), e.g. `axes=(-1,)` for the
@@ -46,7 +46,7 @@ Example:
   >>> update = jax.jit(obs.update)
   >>> for i in range(4):
   ...   state = update(state, jax.random.normal(jax.random.key(i), (256, 16)))
-  >>> lo, hi = obs.range(state)
+  >>> lo, hi = obs.finalize(state)
   >>> lo.shape, hi.shape
   ((1, 16), (1, 16))
   >>> q = jq.quantize(x, jq.int8(), value_range=(lo, hi))
@@ -77,12 +77,13 @@ class Observer(NamedTuple):
       `jax.ShapeDtypeStruct`).
     update: `(state, x) -> state`, pure and jittable. `x` may have other sizes
       than the example on reduced axes, never on kept axes.
-    range: `state -> (lo, hi)`, float32, size 1 on reduced axes.
+    finalize: `state -> result`; for the range observers here, the clip
+      range `(lo, hi)`, float32, size 1 on reduced axes.
   """
 
   init: Callable[[jax.Array], State]
   update: Callable[[State, jax.Array], State]
-  range: Callable[[State], tuple[jax.Array, jax.Array]]
+  finalize: Callable[[State], Any]
 
 
 class MinMaxState(NamedTuple):
@@ -179,7 +180,7 @@ def minmax(axes=None) -> Observer:
     >>> s = obs.init(jnp.zeros((2, 3)))
     >>> s = obs.update(s, jnp.array([[1., -2., 3.], [0., 5., -1.]]))
     >>> s = obs.update(s, jnp.array([[-4., 0., 0.], [0., 0., 0.]]))
-    >>> [v.tolist() for v in obs.range(s)]
+    >>> [v.tolist() for v in obs.finalize(s)]
     [[[-4.0, -2.0, -1.0]], [[1.0, 5.0, 3.0]]]
   """
   _check_axes(axes)
@@ -201,7 +202,7 @@ def ema_minmax(decay: float = 0.99, axes=None) -> Observer:
     >>> s = obs.init(jnp.zeros(3))
     >>> s = obs.update(s, jnp.array([-1., 0., 2.]))
     >>> s = obs.update(s, jnp.array([-3., 0., 4.]))
-    >>> [float(v[0]) for v in obs.range(s)]
+    >>> [float(v[0]) for v in obs.finalize(s)]
     [-2.0, 3.0]
   """
   if not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
@@ -388,7 +389,7 @@ def percentile(percent: float = 99.99, bins: int = 2048, axes=None,
     >>> x = np.arange(1000, dtype=np.float32) - 500     # -500 .. 499
     >>> obs = observers.percentile(99.0, bins=1000)
     >>> state = obs.update(obs.init(x), x)
-    >>> lo, hi = obs.range(state)
+    >>> lo, hi = obs.finalize(state)
     >>> float(state.width[0])                           # bin width
     0.5
     >>> bool(abs(hi[0] - np.percentile(np.abs(x), 99.0)) < 0.5)
@@ -529,7 +530,7 @@ def mse(spec: QuantSpec, bins: int = 2048, candidates: int = 100,
     >>> from jaxquant import observers
     >>> x = jax.random.laplace(jax.random.key(0), (4096,))
     >>> obs = observers.mse(jq.int4(granularity="tensor"))
-    >>> lo, hi = obs.range(obs.update(obs.init(x), x))
+    >>> lo, hi = obs.finalize(obs.update(obs.init(x), x))
     >>> bool(hi < 0.6 * abs(x).max())   # clips the long tail
     True
   """

@@ -35,8 +35,8 @@ def nll(y):
 
 def test_layer_report_numbers_and_figures(trained, tmp_path):
   model, params, x_train, x_test, _ = trained
-  recipe = jq.Recipe([jq.Rule(r".*kernel", jq.int8(), jq.int8())])
-  stats = jq.calibrate(model.apply, params, [x_train[:256]], recipe,
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8())])
+  stats = jq.calibrate(model.apply, params, recipe, [x_train[:256]],
                        progress=False)
   rep = jq.layer_report(model.apply, params, recipe, x_test, stats=stats)
   assert [r.path for r in rep.rows] == [
@@ -60,7 +60,7 @@ def test_layer_report_numbers_and_figures(trained, tmp_path):
   assert [f.name for f in files] == ["weights.png", "activations.png",
                                      "sqnr.png"]
   assert all(f.stat().st_size > 10_000 for f in files)
-  table = str(jq.report(stats))
+  table = str(stats.table())
   assert "params/Conv_1/kernel" in table and "(1 batches observed)" in table
 
 
@@ -68,11 +68,11 @@ def test_sensitivity_orders_bit_widths(trained):
   model, params, _, x_test, y_test = trained
   drops = {}
   for spec in (jq.int8(), jq.int2()):
-    recipe = jq.Recipe([jq.Rule(r".*kernel", spec)])
+    recipe = jq.Recipe([jq.Rule(r".*kernel", weight=spec)])
     drops[spec.bits] = jq.sensitivity(model.apply, params, recipe, x_test)
   for path in drops[8]:
     assert drops[2][path] > 10 * drops[8][path] > 0
-  recipe = jq.Recipe([jq.Rule(r".*kernel", jq.int2())])
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int2())])
   loss_drop = jq.sensitivity(model.apply, params, recipe, x_test,
                              metric=nll(y_test))
   assert loss_drop["params/Dense_0/kernel"] > 0
@@ -83,7 +83,7 @@ def test_sensitivity_orders_bit_widths(trained):
 
 def test_auto_recipe_beats_uniform_int4_within_its_size(trained):
   model, params, _, x_test, y_test = trained
-  uniform = jq.Recipe([jq.Rule(r".*kernel", jq.int4())])
+  uniform = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4())])
   q4 = jq.quantize_params(model.apply, params, uniform, x_test)
   budget = jq.nbytes(q4)
   metric = nll(y_test)

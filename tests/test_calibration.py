@@ -45,7 +45,7 @@ def sqnr(ref, out):
 def test_static_w8a8_ptq_within_one_point_of_float(trained, act):
   model, params, batches, x_test, y_test = trained
   recipe = w8a8(act)
-  stats = jq.calibrate(model.apply, params, batches, recipe, progress=False)
+  stats = jq.calibrate(model.apply, params, recipe, batches, progress=False)
   assert stats.num_batches == 8 and len(stats.states) == 4
   qparams = jq.quantize_params(model.apply, params, recipe, x_test,
                                stats=stats)
@@ -72,8 +72,8 @@ def test_uint8_activation_zero_point_matches_reference_in_conv_and_dense():
   model = nn.Sequential([nn.Conv(5, (3, 3), padding="SAME"),
                          lambda h: h.reshape(h.shape[0], -1), nn.Dense(7)])
   params = model.init(jax.random.key(1), x)
-  recipe = jq.Recipe([jq.Rule(r".*kernel", jq.int8(), jq.uint8())])
-  stats = jq.calibrate(model.apply, params, [x], recipe, progress=False)
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.uint8())])
+  stats = jq.calibrate(model.apply, params, recipe, [x], progress=False)
   qparams = jq.quantize_params(model.apply, params, recipe, x, stats=stats)
   out = jq.quantized_apply(model.apply, recipe)(qparams, x)
   # Reference: fake-quantize the activations on the same static grid.
@@ -94,7 +94,7 @@ def test_uint8_activation_zero_point_matches_reference_in_conv_and_dense():
 def test_static_scales_keep_s8_ops_and_no_reduction_over_activations(trained):
   model, params, batches, x_test, _ = trained
   recipe = w8a8()
-  stats = jq.calibrate(model.apply, params, batches[:2], recipe,
+  stats = jq.calibrate(model.apply, params, recipe, batches[:2],
                        progress=False)
   qparams = jq.quantize_params(model.apply, params, recipe, x_test,
                                stats=stats)
@@ -120,8 +120,9 @@ def test_mse_and_percentile_beat_minmax_for_4bit_activations(trained):
   scores = {}
   for observer, kwargs in [("minmax", {}), ("mse", {}),
                            ("percentile", {"percent": 99.9})]:
-    stats = jq.calibrate(model.apply, params, batches, recipe,
-                         observer=observer, progress=False, **kwargs)
+    stats = jq.calibrate(model.apply, params, recipe, batches,
+                         observer=observer, observer_options=kwargs,
+                         progress=False)
     qparams = jq.quantize_params(model.apply, params, recipe, x_test,
                                  stats=stats)
     scores[observer] = sqnr(ref, qapply(qparams, x_test))
@@ -133,20 +134,20 @@ def test_bad_calibration_input_raises(trained):
   model, params, batches, x_test, _ = trained
   recipe = w8a8()
   with pytest.raises(ValueError, match="no batches"):
-    jq.calibrate(model.apply, params, [], recipe)
+    jq.calibrate(model.apply, params, recipe, [])
   with pytest.raises(ValueError, match=r"batch 1 has shapes \[\(128, 8, 9, 1\)"):
-    jq.calibrate(model.apply, params, [batches[0], jnp.ones((128, 8, 9, 1))],
-                 recipe, progress=False)
+    jq.calibrate(model.apply, params, recipe,
+                 [batches[0], jnp.ones((128, 8, 9, 1))], progress=False)
   poisoned = np.array(batches[1])
   poisoned[3, 2, 2, 0] = np.nan
   with pytest.raises(ValueError, match="batch 1: NaN/inf in the activation "
                      "entering params/Conv_0/kernel"):
-    jq.calibrate(model.apply, params, [batches[0], poisoned], recipe,
+    jq.calibrate(model.apply, params, recipe, [batches[0], poisoned],
                  progress=False)
   # Stats from another model.
   other = demo.MLP()
   other_params = other.init(jax.random.key(0), x_test)
-  stats = jq.calibrate(other.apply, other_params, [x_test[:32]], recipe,
+  stats = jq.calibrate(other.apply, other_params, recipe, [x_test[:32]],
                        progress=False)
   with pytest.raises(ValueError, match="stats come from another model: "
                      "params/Dense_0/.* here, .* when calibrated"):
@@ -155,8 +156,8 @@ def test_bad_calibration_input_raises(trained):
 
 def test_stats_of_another_recipe_name_the_layer(trained):
   model, params, batches, x_test, _ = trained
-  only_dense = jq.Recipe([jq.Rule(r".*Dense.*kernel", jq.int8(), jq.int8())])
-  stats = jq.calibrate(model.apply, params, batches[:1], only_dense,
+  only_dense = jq.Recipe([jq.Rule(r".*Dense.*kernel", weight=jq.int8(), act=jq.int8())])
+  stats = jq.calibrate(model.apply, params, only_dense, batches[:1],
                        progress=False)
   with pytest.raises(ValueError, match="params/Conv_0/kernel: no calibration "
                      "statistics"):
@@ -169,7 +170,7 @@ def test_scan_stacked_layers_get_one_activation_scale_per_layer():
   x = jax.random.normal(jax.random.key(1), (128, 16))
   params = model.init(jax.random.key(0), x)
   recipe = jq.Recipe([jq.Rule(r".*", weight=jq.int8(), act=jq.int8())])
-  stats = jq.calibrate(model.apply, params, [x[:64], x[64:]], recipe,
+  stats = jq.calibrate(model.apply, params, recipe, [x[:64], x[64:]],
                        progress=False)
   path = "params/ScanCheckpointScanBody_0/Dense_1/kernel"
   lo, hi = stats.act_range(path)
@@ -184,9 +185,9 @@ def test_batches_of_different_sizes_are_observed(trained):
   model, params, batches, x_test, _ = trained
   recipe = w8a8()
   uneven = [batches[0], batches[1][:37]]  # a ReLU model: nested jaxprs
-  stats = jq.calibrate(model.apply, params, uneven, recipe, progress=False)
+  stats = jq.calibrate(model.apply, params, recipe, uneven, progress=False)
   whole = jq.calibrate(model.apply, params,
-                       [np.concatenate(uneven)], recipe, progress=False)
+                       recipe, [np.concatenate(uneven)], progress=False)
   for path in stats.states:
     np.testing.assert_allclose(np.asarray(stats.act_range(path)),
                                np.asarray(whole.act_range(path)), rtol=1e-6)

@@ -44,7 +44,7 @@ def check_w8a8(apply_fn, params, *args, recipe=W8A8, expect_int8=None,
       n, n - upcast_by_xla * cpu)
   # Fake-quant matches int8 up to float rounding; a rounding difference can
   # flip an activation by one quantization step, which then propagates.
-  fq = jax.jit(jq.fake_quant(apply_fn, recipe))(params, *args)
+  fq = jax.jit(jq.fake_quant_apply(apply_fn, recipe))(params, *args)
   close = np.isclose(np.asarray(fq), np.asarray(out), rtol=1e-4,
                      atol=1e-5 * float(jnp.abs(ref).max()))
   assert close.mean() > 0.95 and rel_err(fq, out) < 3e-3
@@ -171,9 +171,9 @@ def test_grouped_weights_with_int8_activations_run_grouped_int8_dots():
   assert jq.report(model.apply, qparams, recipe, x).count("int8") == 3
   assert count_int8_ops(qapply, qparams, x) == (3, 3)
   # Reference: dequantized int4 weights times per-row fake-quant int8 inputs.
-  fq = jax.jit(jq.fake_quant(model.apply, recipe))(params, x)
+  fq = jax.jit(jq.fake_quant_apply(model.apply, recipe))(params, x)
   assert rel_err(out, fq) < 1e-5
-  weight_only = jq.Recipe([jq.Rule(r".*kernel", jq.int4(group_size=32))])
+  weight_only = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32))])
   w_out = jq.quantized_apply(model.apply, weight_only)(qparams, x)
   assert 0 < rel_err(out, w_out) < 3e-2  # only the activation rounding
 
@@ -190,7 +190,7 @@ def test_grouped_weights_fall_back_where_groups_cannot_be_split_and_say_so():
   assert "group axis to be the only contracted axis" in str(rep)
   qparams = jq.quantize_params(model.apply, params, recipe, x)
   out = jq.quantized_apply(model.apply, recipe)(qparams, x)
-  fq = jq.fake_quant(model.apply, recipe)(params, x)
+  fq = jq.fake_quant_apply(model.apply, recipe)(params, x)
   assert rel_err(out, fq) < 1e-5
 
 
@@ -230,7 +230,7 @@ def test_fake_quant_trains_with_optax_under_jit_and_vmap():
   model = zoo.MLP()
   x = jax.random.normal(jax.random.key(1), (32, 64))
   params = model.init(jax.random.key(0), x)
-  fq = jq.fake_quant(model.apply, jq.Recipe([jq.Rule(
+  fq = jq.fake_quant_apply(model.apply, jq.Recipe([jq.Rule(
       r".*kernel", weight=jq.int4(), act=jq.int8())]))
   grads = jax.jit(jax.grad(lambda p: (fq(p, x) ** 2).mean()))(params)
   g = grads["params"]["Dense_0"]["kernel"]
@@ -296,8 +296,8 @@ def test_calibrated_params_survive_a_checkpoint(tmp_path):
   model = zoo.MLP()
   x = jax.random.normal(jax.random.key(1), (64, 64))
   params = model.init(jax.random.key(0), x)
-  recipe = jq.Recipe([jq.Rule(r".*kernel", jq.int4(group_size=32), jq.uint8())])
-  stats = jq.calibrate(model.apply, params, [x], W8A8, progress=False)
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32), act=jq.uint8())])
+  stats = jq.calibrate(model.apply, params, W8A8, [x], progress=False)
   qparams = jq.quantize_params(model.apply, params, W8A8, x, stats=stats)
   jq.save(tmp_path / "m.jq", qparams)
   restored = jq.load(tmp_path / "m.jq", like=qparams)
@@ -339,7 +339,7 @@ def test_grouped_weights_use_calibrated_activation_scales():
   params = model.init(jax.random.key(0), x)
   recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32),
                               act=jq.uint8())])
-  stats = jq.calibrate(model.apply, params, [x], recipe, progress=False)
+  stats = jq.calibrate(model.apply, params, recipe, [x], progress=False)
   qparams = jq.quantize_params(model.apply, params, recipe, x, stats=stats)
   qapply = jq.quantized_apply(model.apply, recipe)
   rep = jq.report(model.apply, qparams, recipe, x)

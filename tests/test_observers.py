@@ -15,7 +15,7 @@ def _run(obs, batches, jit=False):
   update = jax.jit(obs.update) if jit else obs.update
   for b in batches:
     state = update(state, b)
-  return state, obs.range(state)
+  return state, obs.finalize(state)
 
 
 def _batches(seed=0, shape=(300, 6), n=4, widen=None, shrink=20):
@@ -83,7 +83,7 @@ def test_ema_minmax_matches_numpy(axes):
 def test_range_before_any_update_is_zero():
   for obs in (observers.minmax(), observers.percentile(),
               observers.mse(jq.int8())):
-    lo, hi = obs.range(obs.init(jnp.zeros((4, 3))))
+    lo, hi = obs.finalize(obs.init(jnp.zeros((4, 3))))
     np.testing.assert_array_equal(lo, 0.0)
     np.testing.assert_array_equal(hi, 0.0)
 
@@ -222,7 +222,7 @@ def test_jit_and_no_jit_agree(obs):
   for b in batches:
     jit_state = update(jit_state, b)
   chex.assert_trees_all_close(eager_state, jit_state, rtol=1e-6)
-  chex.assert_trees_all_close(eager, jax.jit(obs.range)(jit_state),
+  chex.assert_trees_all_close(eager, jax.jit(obs.finalize)(jit_state),
                               rtol=1e-6)
   # A jitted update never changes shapes (bounded memory).
   chex.assert_trees_all_equal_shapes(obs.init(batches[0]), jit_state)
@@ -243,7 +243,14 @@ def test_bfloat16_input(name):
 
 
 def test_from_name():
-  assert observers.from_name("percentile", percent=90.0, bins=16).range
+  x = jax.random.normal(jax.random.key(3), (512, 4))
+  named = observers.from_name("percentile", percent=90.0, bins=16)
+  direct = observers.percentile(percent=90.0, bins=16)
+  lo, hi = named.finalize(named.update(named.init(x), x))
+  ref_lo, ref_hi = direct.finalize(direct.update(direct.init(x), x))
+  np.testing.assert_array_equal(hi, ref_hi)
+  np.testing.assert_array_equal(lo, ref_lo)
+  assert 1.0 < float(hi.squeeze()) < 2.5  # the 90th percentile of |N(0, 1)| is 1.64
   with pytest.raises(ValueError, match="unknown observer 'max'.*'minmax'"):
     observers.from_name("max")
   with pytest.raises(ValueError, match="needs spec="):

@@ -13,7 +13,7 @@ def test_qat_int4_digits_within_two_points_of_float():
   float_acc = demo.accuracy(model.apply, float_params, x_test, y_test)
 
   recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(), act=jq.int8())])
-  qat_apply = jq.fake_quant(model.apply, recipe)
+  qat_apply = jq.fake_quant_apply(model.apply, recipe)
   trained = demo.train(model, x_train, y_train, epochs=25, apply_fn=qat_apply)
   qparams = jq.quantize_params(model.apply, trained, recipe, x_test)
   assert all(q.spec.bits == 4 for q in jax.tree_util.tree_leaves(
