@@ -89,8 +89,8 @@ class _CompareHandler(Handler):
     pair = invals[site.weight_index].payload
     x = value(invals[site.act_index])
     quant = pair.quant
-    if rule.act is not None and not engine.int_path_problem(site, quant,
-                                                            rule.act):
+    if rule.act is not None and not engine.int_path_problem(
+        site, quant, rule.act, eqn.params):
       approx = engine.int8_matmul(eqn, site, x, quant, rule.act)
     else:
       w = Tagged(FloatPayload(quant.materialize()), site.path,

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, numerics, text
@@ -31,33 +32,71 @@ from jaxquant.tree import is_qarray
 
 
 def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
-                    stats=None, model_kwargs: dict | None = None):
+                    stats=None, key: jax.Array | None = None,
+                    model_kwargs: dict | None = None):
   """Quantizes every parameter that `apply_fn` multiplies in a matmul.
 
-  `apply_fn(params, *args, **kwargs)` is traced once, abstractly, to read
-  each weight's contracted axes from the `dot_general` / conv dimension
+  `apply_fn(params, *args, **model_kwargs)` is traced once, abstractly, to
+  read each weight's contracted axes from the `dot_general` / conv dimension
   numbers: per-channel scales are per non-contracted axis, groups run along
-  the contraction axis. Returns `params` with `QArray` leaves.
+  the contraction axis.
 
-  With `stats` from `jq.calibrate`, each weight whose rule has an `act` spec
-  also stores a static (per-tensor) activation scale, and a zero point for
-  asymmetric specs: `quantized_apply` then clips with it instead of reducing
-  over the activation at run time. For inputs that are never negative
-  (after a ReLU) `act=jq.uint8()` uses all 256 levels on [min, max].
+  A weight whose rule has an `act` spec also stores a static (per-tensor)
+  activation scale, and a zero point for asymmetric specs, when the range
+  is known: from `stats` (`jq.calibrate`), or from the act spec's fixed
+  `clip=(lo, hi)`, which wins. `quantized_apply` then clips with it instead
+  of reducing over the activation at run time. For inputs that are never
+  negative (after a ReLU) `act=jq.uint8()` uses all 256 levels on [min, max].
+
+  Args:
+    apply_fn: the model, `apply_fn(params, *args, **model_kwargs)`.
+    params: float parameters (any pytree of arrays).
+    recipe: which weight gets which spec.
+    *args: example inputs; only their shapes and dtypes are used.
+    stats: calibration `Stats` for static activation scales.
+    key: a PRNG key, needed by rules with `rounding="stochastic"`.
+    model_kwargs: keyword arguments of `apply_fn`.
+
+  Returns:
+    `params` with a `QArray` in place of every quantized weight.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jaxquant as jq
+    >>> model = nn.Dense(8)
+    >>> x = jnp.ones((2, 64))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8())])
+    >>> qparams = jq.quantize_params(model.apply, params, recipe, x)
+    >>> q = qparams["params"]["kernel"]
+    >>> q.values.dtype, q.scale.shape   # one scale per output channel
+    (dtype('int8'), (1, 8))
   """
   _check_recipe(recipe)
+  engine.check_act_specs(recipe)
   traced, _ = Tracer(apply_fn)(params, args, dict(model_kwargs or {}))
   leaves = param_leaves(params)
   specs = resolved_specs(traced, recipe, leaves)
   if stats is not None:
     stats.check_model(traced.paths, [np.shape(l) for l in leaves])
+  keys = _leaf_keys(specs, traced.paths, key)
 
   def quantized(path, leaf):
-    q = quantize(leaf, specs[path], where=path)
+    q = quantize(leaf, specs[path], key=keys.get(path), where=path)
     act = recipe.match(path).act
-    if stats is None or act is None:
+    if act is None:
       return q
-    return _with_static_act(q, path, act, stats)
+    if isinstance(act.clip, tuple):
+      return _with_static_act(q, act, jnp.float32(act.clip[0]),
+                              jnp.float32(act.clip[1]))
+    if stats is None:
+      return q
+    if path not in stats.states:
+      raise ValueError(
+          f"{path}: no calibration statistics for its activation (calibrated "
+          "with another recipe, or the matmul sits inside a while loop or "
+          "cond); calibrate with this recipe or drop act= for this rule")
+    return _with_static_act(q, act, *stats.act_range(path))
 
   return jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(params, is_leaf=is_qarray),
@@ -65,13 +104,19 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
        for path, leaf in zip(traced.paths, leaves)])
 
 
-def _with_static_act(q: QArray, path, act, stats) -> QArray:
-  if path not in stats.states:
-    raise ValueError(
-        f"{path}: no calibration statistics for its activation (calibrated "
-        "with another recipe, or the matmul sits inside a while loop or "
-        "cond); calibrate with this recipe or drop act= for this rule")
-  lo, hi = stats.act_range(path)
+def _leaf_keys(specs: dict, paths, key) -> dict:
+  """Path -> PRNG key for each stochastically rounded weight."""
+  stochastic = [p for p in paths if p in specs
+                and specs[p].rounding == "stochastic"]
+  if stochastic and key is None:
+    raise ValueError(f"{stochastic[0]}: its rule rounds stochastically; pass "
+                     "key=jax.random.key(...) to quantize_params")
+  return {p: jax.random.fold_in(key, i) for i, p in enumerate(paths)
+          if p in stochastic}
+
+
+def _with_static_act(q: QArray, act, lo, hi) -> QArray:
+  """`q` with a per-tensor activation scale for the range [lo, hi]."""
   act = dataclasses.replace(act, granularity="tensor", channel_axes=None,
                             group_size=None, group_axis=None, clip=None)
   scale, zero_point = numerics.scale_from_range(lo, hi, act)
@@ -95,6 +140,8 @@ def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
   `int8 x int8 -> int32` and the rescale follows it. Rules without `act`
   run weight-only: the weight is dequantized and the float matmul runs.
   """
+  _check_recipe(recipe)
+  engine.check_act_specs(recipe)
   tracer = Tracer(apply_fn)
 
   def run(qparams, *args, **kwargs):
@@ -104,8 +151,8 @@ def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
   return run
 
 
-def _run_quantized(traced, recipe, qparams, dyn):
-  handler = engine.QuantizedHandler(recipe=recipe)
+def _run_quantized(traced, recipe, qparams, dyn, strict=True):
+  handler = engine.QuantizedHandler(recipe=recipe, strict=strict)
 
   def payload(path, leaf):
     return engine.QuantPayload.of(leaf) if is_qarray(leaf) else FloatPayload(
@@ -123,6 +170,8 @@ def fake_quant_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
   an int8 matmul are fake-quantized as `quantized_apply` quantizes them.
   Gradients follow the straight-through estimator (`jq.fake_quant`).
   """
+  _check_recipe(recipe)
+  engine.check_act_specs(recipe)
   tracer = Tracer(apply_fn)
 
   def run(params, *args, **kwargs):
@@ -132,7 +181,7 @@ def fake_quant_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
     handler = engine.FakeQuantHandler(recipe=recipe, specs=specs)
 
     def payload(path, leaf):
-      return FloatPayload(fake_quant_array(leaf, specs[path])
+      return FloatPayload(fake_quant_array(leaf, specs[path], where=path)
                           if path in specs else leaf)
 
     return traced.evaluate(handler, tag_inputs(traced, leaves, payload), dyn)
@@ -179,7 +228,7 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
   records = []
 
   def run(qparams, dyn):
-    out, recs = _run_quantized(traced, recipe, qparams, dyn)
+    out, recs = _run_quantized(traced, recipe, qparams, dyn, strict=False)
     records.extend(recs)
     return out
 

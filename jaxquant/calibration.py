@@ -136,12 +136,12 @@ def calibration(apply_fn: Callable, recipe: Recipe, *,
     >>> x = jnp.ones((8, 16))
     >>> params = model.init(jax.random.key(0), x)
     >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8(),
-    act=...                             act=jq.int8())])
+    ...                             act=jq.int8())])
     >>> cal = jq.calibration(model.apply, recipe)
     >>> stats = cal.init(params, x)
     >>> stats = jax.jit(cal.update)(stats, params, 2 * x)
-    >>> [float(v) for v in stats.act_range("params/kernel")]
-    [-2.0, 2.0]
+    >>> [float(v) for v in stats.act_range("params/kernel")]  # min, max
+    [2.0, 2.0]
   """
   options = dict(observer_options or {})
   observe = _observer_of(apply_fn, recipe, model_kwargs)
@@ -246,12 +246,12 @@ def calibrate(apply_fn: Callable, params, recipe: Recipe, batches: Iterable,
     >>> x = jnp.ones((8, 16))
     >>> params = model.init(jax.random.key(0), x)
     >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8(),
-    act=...                             act=jq.int8())])
+    ...                             act=jq.int8())])
     >>> stats = jq.calibrate(model.apply, params, recipe, [x, -3 * x],
     ...                      progress=False)
     >>> int(stats.num_batches), [float(v) for v in stats.act_range(
     ...     "params/kernel")]
-    (2, [-3.0, 3.0])
+    (2, [-3.0, 1.0])
   """
   if isinstance(batches, Recipe) and not isinstance(recipe, Recipe):
     raise ValueError("calibrate takes (apply_fn, params, recipe, batches): "

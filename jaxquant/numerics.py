@@ -16,10 +16,17 @@ Degenerate ranges never give a zero, NaN or inf scale: an all-zero tensor
 gets s = 1 (every q is 0); a constant tensor c != 0 gets s = |c| / qmax
 (symmetric) or s = |c| / (qmax - qmin) (asymmetric), so c round-trips exactly.
 
-Non-finite inputs: `check_finite` raises a ValueError outside `jax.jit`.
-Inside jit the check cannot run; a NaN or inf widens the range of its scale
-block to infinity, so that whole block dequantizes to NaN rather than to
-plausible-looking numbers.
+Non-finite inputs: `check_finite` raises a ValueError outside `jax.jit`
+(also for float64 values beyond the float32 range, which the float32 scale
+math cannot hold). Inside jit the check cannot run, and integers cannot
+hold NaN, so:
+  * a NaN makes the scale of its whole block NaN: the block dequantizes
+    (and fake-quantizes) to NaN, whatever the range source (data, clip,
+    "mse", calibrated value_range);
+  * an inf, or a float64 value beyond float32 (it becomes inf), widens a
+    data-derived range to infinity, so its block dequantizes to NaN too;
+    against a fixed range (`clip=(lo, hi)` or `value_range`) it saturates
+    to the nearest bound, like any other out-of-range value.
 """
 
 from __future__ import annotations
@@ -89,10 +96,12 @@ def grouped(x: jax.Array, spec: QuantSpec, where: str = "tensor") -> jax.Array:
 def data_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
   """(lo, hi) of `x` per scale block, keepdims; `x` already grouped."""
   axes = reduction_axes(spec, x.ndim - (spec.granularity == "group"))
+  shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
   if isinstance(spec.clip, tuple):
-    shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
     return (jnp.full(shape, spec.clip[0], jnp.float32),
             jnp.full(shape, spec.clip[1], jnp.float32))
+  if x.size == 0:  # empty blocks have no max: the all-zero range, scale 1
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
   x = x.astype(jnp.float32)
   # A NaN/inf widens its block's range to inf (XLA's max may skip NaNs), so
   # the block dequantizes to NaN instead of to plausible numbers.
@@ -137,11 +146,26 @@ def scale_from_range(lo, hi, spec: QuantSpec):
     return scale, None
   step = np.float32(1.0 / (spec.qmax - spec.qmin))
   width = hi - lo
+  # hi - lo overflows float32 for |lo|, |hi| near its max; scaling each
+  # bound first cannot (step < 1). Only there: elsewhere width * step
+  # rounds once, and jit / no-jit / NumPy references agree bit for bit.
+  scaled = jnp.where(jnp.isfinite(width), width * step, hi * step - lo * step)
   fallback = jnp.where(jnp.abs(lo) > 0,
                        jnp.maximum(jnp.abs(lo) * step, _TINY), 1.0)
-  scale = jnp.where(width > 0, jnp.maximum(width * step, _TINY), fallback)
+  scale = jnp.where(width > 0, jnp.maximum(scaled, _TINY), fallback)
   zero_point = spec.qmin - lo / scale
   return scale, zero_point
+
+
+def nan_to_scale(x: jax.Array, scale: jax.Array, spec: QuantSpec):
+  """`scale`, NaN in every block of `x` (grouped view) that holds a NaN.
+
+  Integers cannot hold NaN, and a fixed range would turn it into a
+  plausible number (0 or a bound); a NaN scale dequantizes the block to NaN.
+  """
+  axes = reduction_axes(spec, x.ndim - (spec.granularity == "group"))
+  has_nan = jnp.any(jnp.isnan(x), axis=axes, keepdims=True)
+  return jnp.where(has_nan, jnp.float32(jnp.nan), scale)
 
 
 def round_values(v: jax.Array, spec: QuantSpec, key=None) -> jax.Array:
@@ -174,21 +198,33 @@ def dequantize_with_scale(q, scale, zero_point, dtype=jnp.float32):
 
 
 def check_finite(x, where: str = "tensor") -> None:
-  """Raises ValueError on NaN/inf in a concrete array; no-op under tracing."""
+  """Raises ValueError on NaN/inf, or on float64 values beyond float32, in a
+  concrete array; no-op under tracing."""
   if isinstance(x, jax.core.Tracer):
     return
   arr = np.asarray(x)
-  if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
-    bad = int(np.size(arr) - np.isfinite(arr).sum())
+  # bfloat16 and the fp8 types have NumPy kind 'V', not 'f'.
+  if not arr.size or not jnp.issubdtype(arr.dtype, jnp.floating):
+    return
+  finite = np.isfinite(arr)
+  if not finite.all():
     raise ValueError(
-        f"{where}: {bad} NaN/inf value(s) cannot be quantized; fix the "
-        "producer of this tensor or replace them (e.g. jnp.nan_to_num)")
+        f"{where}: {arr.size - int(finite.sum())} NaN/inf value(s) cannot be "
+        "quantized; fix the producer of this tensor or replace them (e.g. "
+        "jnp.nan_to_num)")
+  if arr.dtype.itemsize > 4 and (big := int(
+      (np.abs(arr) > np.finfo(np.float32).max).sum())):
+    raise ValueError(
+        f"{where}: {big} value(s) beyond the float32 range (|x| > "
+        f"{np.finfo(np.float32).max:.4g}) cannot be quantized (scales are "
+        "float32); rescale the tensor or clip it to the float32 range")
 
 
 def fake_quant_with_scale(x, scale, zero_point, spec: QuantSpec, key=None):
   """quantize -> dequantize, with the straight-through estimator.
 
-  Forward: `(clip(round(x/s + z), qmin, qmax) - z) * s`.
+  Forward: `(clip(round(x/s + z), qmin, qmax) - z) * s`; a NaN in `x` stays
+  NaN (integer rounding would make it 0), an inf saturates to the bound.
   Backward: `dx = g` where `x` lies in the representable range
   `[(qmin - z) s, (qmax - z) s]`, and `0` outside it (clipped elements get
   no gradient). Scale and zero point are treated as constants.
@@ -197,7 +233,8 @@ def fake_quant_with_scale(x, scale, zero_point, spec: QuantSpec, key=None):
   zp = None if zero_point is None else jax.lax.stop_gradient(zero_point)
   lo = (spec.qmin - (0.0 if zp is None else zp)) * scale
   hi = (spec.qmax - (0.0 if zp is None else zp)) * scale
-  return _ste(x, lo, hi, quantize_dequantize(x, scale, zp, spec, key))
+  x_hat = quantize_dequantize(x, scale, zp, spec, key)
+  return _ste(x, lo, hi, jnp.where(jnp.isnan(x), x, x_hat))
 
 
 def quantize_dequantize(x, scale, zero_point, spec, key=None):

@@ -85,8 +85,12 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
              where: str = "tensor") -> QArray:
   """Quantizes `x` to a `QArray` on the grid of `spec`.
 
+  Under `jax.jit` a NaN cannot be checked for or stored as an integer: it
+  makes its block's scale NaN, so the block dequantizes to NaN; an inf
+  saturates against a fixed `clip` / `value_range` (see `jaxquant.numerics`).
+
   Args:
-    x: a float array.
+    x: a float array; outside jit it must be finite (else ValueError).
     spec: the `QuantSpec`; missing axes default to the `(..., in, out)`
       kernel layout (see `QuantSpec`).
     key: PRNG key, required for `rounding="stochastic"`.
@@ -94,11 +98,18 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
       to the scale; overrides the data range and `spec.clip`.
     where: a name for error messages (the parameter path).
   """
+  x, spec, key = _checked(x, spec, key, where)
+  return _quantize(x, spec, key, value_range)
+
+
+def _checked(x, spec: QuantSpec, key, where: str):
+  """(x as a float array, spec with resolved axes, key or None), or a
+  ValueError naming `where`: the checks quantize and fake_quant share."""
+  numerics.check_finite(x, where)  # before asarray: float64 beyond float32
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{where}: cannot quantize dtype {x.dtype}; "
                      "only float tensors are quantized")
-  numerics.check_finite(x, where)
   spec = numerics.resolve_axes(spec, x.ndim, where)
   if spec.granularity == "group":
     numerics.grouped(x, spec, where)  # a group size that does not divide
@@ -106,7 +117,19 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
     if key is None:
       raise ValueError(f"{where}: rounding='stochastic' needs a PRNG key: "
                        "pass key=")
-  return _quantize(x, spec, key if stochastic else None, value_range)
+  return x, spec, key if stochastic else None
+
+
+def _scale(view, spec: QuantSpec, value_range):
+  """Scale and zero point of the (grouped) view; NaN scale on NaN blocks."""
+  view = jax.lax.stop_gradient(view)
+  lo, hi = value_range if value_range is not None else numerics.data_range(
+      view, spec)
+  scale, zero_point = numerics.scale_from_range(lo, hi, spec)
+  scale = jnp.broadcast_to(scale, _scale_shape(view.shape, spec))
+  if zero_point is not None:
+    zero_point = jnp.broadcast_to(zero_point, scale.shape)
+  return numerics.nan_to_scale(view, scale, spec), zero_point
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -114,12 +137,7 @@ def _quantize(x, spec: QuantSpec, key, value_range) -> QArray:
   # Compiled once per shape and spec: eager calls would otherwise run (and
   # compile) each small op on its own, and jit and no-jit agree bit for bit.
   view = numerics.grouped(x, spec) if spec.granularity == "group" else x
-  lo, hi = value_range if value_range is not None else numerics.data_range(
-      view, spec)
-  scale, zero_point = numerics.scale_from_range(lo, hi, spec)
-  scale = jnp.broadcast_to(scale, _scale_shape(view.shape, spec))
-  if zero_point is not None:
-    zero_point = jnp.broadcast_to(zero_point, scale.shape)
+  scale, zero_point = _scale(view, spec, value_range)
   q = numerics.quantize_with_scale(view, scale, zero_point, spec, key)
   q = q.reshape(x.shape)
   if spec.granularity == "group":  # store without the group_size axis
@@ -151,17 +169,17 @@ def dequantize(q: QArray) -> jax.Array:
   return out.reshape(q.shape)
 
 
-def fake_quant(x, spec: QuantSpec, *, key=None, value_range=None):
+def fake_quant(x, spec: QuantSpec, *, key=None, value_range=None,
+               where: str = "tensor"):
   """`dequantize(quantize(x, spec))` with a straight-through gradient.
 
-  The gradient is 1 for elements inside the representable range of their
-  scale block and 0 for clipped ones (see `numerics.fake_quant_with_scale`).
+  Same checks and NaN behaviour as `quantize`: a NaN's block comes back
+  NaN, an inf saturates against a fixed `clip` / `value_range`. The
+  gradient is 1 for elements inside the representable range of their scale
+  block and 0 for clipped ones (see `numerics.fake_quant_with_scale`).
   """
-  x = jnp.asarray(x)
-  spec = numerics.resolve_axes(spec, x.ndim)
+  x, spec, key = _checked(x, spec, key, where)
   view = numerics.grouped(x, spec) if spec.granularity == "group" else x
-  lo, hi = value_range if value_range is not None else numerics.data_range(
-      jax.lax.stop_gradient(view), spec)
-  scale, zero_point = numerics.scale_from_range(lo, hi, spec)
+  scale, zero_point = _scale(view, spec, value_range)
   out = numerics.fake_quant_with_scale(view, scale, zero_point, spec, key)
   return out.reshape(x.shape)

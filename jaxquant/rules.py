@@ -29,6 +29,9 @@ from jaxquant.spec import QuantSpec
 class Rule:
   """Quantize parameters whose path fully matches `pattern` with `weight`.
 
+  Everything after the pattern is keyword-only: `Rule(r".*kernel",
+  weight=jq.int8(), act=jq.int8())`.
+
   Attributes:
     pattern: regex, matched with `re.fullmatch` on the '/'-joined path.
     weight: spec for the parameter, or None to keep it in float.
@@ -37,11 +40,19 @@ class Rule:
   """
 
   pattern: str
+  _: dataclasses.KW_ONLY
   weight: QuantSpec | None = None
   act: QuantSpec | None = None
   optional: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.pattern, str):
+      raise ValueError(f"Rule pattern must be a str regex matched against "
+                       f"'/'-joined paths (e.g. r'.*kernel'), got "
+                       f"{self.pattern!r}")
+    if not isinstance(self.optional, bool):
+      raise ValueError(f"Rule {self.pattern!r}: optional must be True or "
+                       f"False, got {self.optional!r}")
     try:
       re.compile(self.pattern)
     except re.error as e:
@@ -74,7 +85,13 @@ class Recipe:
     object.__setattr__(self, "rules", rules)
 
   def match(self, path: str) -> Rule | None:
-    return next((r for r in self.rules if r.matches(path)), None)
+    index = self._first(path)
+    return None if index is None else self.rules[index]
+
+  def _first(self, path: str) -> int | None:
+    """Index of the first rule matching `path`, or None."""
+    return next((i for i, r in enumerate(self.rules) if r.matches(path)),
+                None)
 
   def weight_spec(self, path: str) -> QuantSpec | None:
     rule = self.match(path)
@@ -82,28 +99,47 @@ class Recipe:
 
   def check_used(self, quantizable: Sequence[str], all_paths: Sequence[str],
                  what: str = "parameter") -> None:
-    """Raises ValueError for a non-optional rule that matches nothing.
+    """Raises ValueError for a non-optional rule that decides no path.
 
     A rule with a weight spec must be the first match of some path in
-    `quantizable`; a keep-float rule must match some path in `all_paths`.
+    `quantizable`, a keep-float rule of some path in `all_paths`. A rule
+    whose paths all go to earlier rules is reported as shadowed by them.
     """
-    first = {id(self.match(p)) for p in quantizable}
-    for rule in self.rules:
+    for index, rule in enumerate(self.rules):
       if rule.optional:
         continue
-      used = (id(rule) in first if rule.weight is not None
-              else any(rule.matches(p) for p in all_paths))
-      if not used:
-        pool = quantizable if rule.weight is not None else all_paths
-        listing = "\n  ".join(pool) or "(none)"
-        raise ValueError(
-            f"Rule {rule.pattern!r} matches no {what}. Fix the pattern or mark "
-            f"it Rule(..., optional=True). Available paths:\n  {listing}")
+      pool, kind = ((quantizable, what) if rule.weight is not None
+                    else (all_paths, "parameter"))
+      matched = [p for p in pool if rule.matches(p)]
+      owners = sorted({self._first(p) for p in matched})
+      if not matched:
+        raise ValueError(_no_match(rule, pool, all_paths, kind))
+      if index not in owners:
+        raise ValueError(_shadowed(self.rules, index, owners, matched, kind))
 
   def __str__(self):
     rows = [f"  Rule({r.pattern!r}, weight={_label(r.weight)}, "
             f"act={_label(r.act)})" for r in self.rules]
     return "Recipe([\n" + ",\n".join(rows) + "\n])"
+
+
+def _no_match(rule: Rule, pool, all_paths, what: str) -> str:
+  others = [p for p in all_paths if rule.matches(p)]
+  note = (f" (it matches only paths that are not a {what}: "
+          f"{', '.join(others[:3])})" if others else "")
+  listing = "\n  ".join(pool) or "(none)"
+  return (f"Rule {rule.pattern!r} matches no {what}{note}. Fix the pattern "
+          f"or mark it Rule(..., optional=True). Available paths:\n  "
+          f"{listing}")
+
+
+def _shadowed(rules, index: int, owners, matched, what: str) -> str:
+  earlier = " and ".join(f"rule {i} ({rules[i].pattern!r})" for i in owners)
+  paths = ", ".join(matched[:3]) + (", ..." if len(matched) > 3 else "")
+  return (f"Rule {index} ({rules[index].pattern!r}) is shadowed by "
+          f"{earlier}: the first matching rule wins, and every {what} it "
+          f"matches ({paths}) goes to the earlier rule. Move it before "
+          f"{earlier}, narrow the earlier pattern, or drop it.")
 
 
 def _label(spec: QuantSpec | None) -> str:

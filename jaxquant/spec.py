@@ -9,7 +9,8 @@ Integer grid
   unsigned:            q in [0, 2^b - 1]
 
 Clipping: `clip=None` takes each block's range from the data (absmax, or
-min and max when asymmetric); `clip=(lo, hi)` fixes it; `clip="mse"` shrinks
+min and max when asymmetric); `clip=(lo, hi)` fixes it (finite float32
+bounds: scales are float32; values beyond saturate); `clip="mse"` shrinks
 each block's data range by the factor in [0.2, 1] (64 candidates) that
 minimises that block's squared quantization error, which pays off at 2-4
 bits. (For activations, prefer `jq.calibrate(..., observer="mse")`: a
@@ -31,17 +32,23 @@ layout `(..., in, out)`: channels on the last axis, groups along axis -2.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Literal
 
 Granularity = Literal["tensor", "channel", "group"]
 Rounding = Literal["nearest", "stochastic"]
 
 MIN_BITS, MAX_BITS = 2, 8
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
   """How to quantize one tensor. See the module docstring for the math.
+
+  Fields are type-checked (a ValueError names the field): `signed` and
+  `symmetric` are bools; `bits`, `group_size`, `group_axis` and each of
+  `channel_axes` are ints (not bools; NumPy ints are converted).
 
   Example:
     >>> import jaxquant as jq
@@ -60,11 +67,18 @@ class QuantSpec:
   clip: tuple[float, float] | Literal["mse"] | None = None
 
   def __post_init__(self):
-    if isinstance(self.channel_axes, int):
-      object.__setattr__(self, "channel_axes", (self.channel_axes,))
-    elif self.channel_axes is not None:
-      object.__setattr__(self, "channel_axes", tuple(self.channel_axes))
-    if self.clip is not None and not isinstance(self.clip, str):
+    problem = _type_problem(self)
+    if problem:
+      raise ValueError(f"invalid QuantSpec: {problem}")
+    # Canonical forms keep equal specs equal (and hashable) under jit.
+    axes = self.channel_axes
+    if axes is not None:
+      axes = (axes,) if _is_int(axes) else axes
+      object.__setattr__(self, "channel_axes", tuple(int(a) for a in axes))
+    for name in ("bits", "group_size", "group_axis"):
+      if _is_int(getattr(self, name)):
+        object.__setattr__(self, name, int(getattr(self, name)))
+    if isinstance(self.clip, (tuple, list)):
       object.__setattr__(self, "clip", tuple(float(c) for c in self.clip))
     problem = _problem(self)
     if problem:
@@ -93,16 +107,47 @@ class QuantSpec:
     return name + ("" if self.symmetric else " asym")
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _type_problem(spec: QuantSpec) -> str | None:
+  """Wrong field types, caught before they turn into silent truthiness."""
+  for name in ("signed", "symmetric"):
+    value = getattr(spec, name)
+    if not isinstance(value, bool):
+      return f"{name}={value!r}; {name} must be True or False"
+  for name in ("group_size", "group_axis"):
+    value = getattr(spec, name)
+    if value is not None and not _is_int(value):
+      return f"{name}={value!r}; {name} must be an int or None"
+  axes = spec.channel_axes
+  if axes is not None and not _is_int(axes) and not (
+      isinstance(axes, (tuple, list)) and all(_is_int(a) for a in axes)):
+    return (f"channel_axes={axes!r}; give an int or a tuple of ints "
+            "(e.g. channel_axes=(-1,)) or None")
+  clip = spec.clip
+  if clip is not None and not isinstance(clip, str) and not (
+      isinstance(clip, (tuple, list)) and len(clip) == 2
+      and all(_is_real(c) for c in clip)):
+    return (f"clip={clip!r}; give a range (lo, hi) of two numbers, 'mse' or "
+            "None (the data's absmax / min-max)")
+  return None
+
+
 def _problem(spec: QuantSpec) -> str | None:
-  if not isinstance(spec.bits, int) or isinstance(spec.bits, bool) or not (
-      MIN_BITS <= spec.bits <= MAX_BITS):
+  if not _is_int(spec.bits) or not MIN_BITS <= spec.bits <= MAX_BITS:
     return (f"bits={spec.bits!r}; bits must be an integer in "
             f"[{MIN_BITS}, {MAX_BITS}] (use jq.int8(), jq.int4() or jq.int2())")
   if spec.granularity not in ("tensor", "channel", "group"):
     return (f"granularity={spec.granularity!r}; use 'tensor', 'channel' "
             "or 'group'")
   if spec.granularity == "group":
-    if not isinstance(spec.group_size, int) or spec.group_size < 1:
+    if spec.group_size is None or spec.group_size < 1:
       return (f"group_size={spec.group_size!r}; per-group quantization needs "
               "a positive integer group_size (e.g. jq.int4(group_size=128))")
   elif spec.group_size is not None:
@@ -115,7 +160,12 @@ def _problem(spec: QuantSpec) -> str | None:
       return (f"clip={spec.clip!r}; give a range (lo, hi), 'mse' or None "
               "(the data's absmax / min-max)")
   elif spec.clip is not None:
-    if len(spec.clip) != 2 or not spec.clip[0] < spec.clip[1]:
+    # Scales are float32: an infinite (or wider) bound gives inf/NaN scales.
+    if not all(abs(c) <= FLOAT32_MAX for c in spec.clip):
+      return (f"clip={spec.clip!r}; clip bounds must be finite float32 "
+              f"values (|bound| <= {FLOAT32_MAX:.7g}); use clip=None for "
+              "the data's own range")
+    if not spec.clip[0] < spec.clip[1]:
       return f"clip={spec.clip!r}; give a range (lo, hi) with lo < hi"
     if not spec.signed and spec.symmetric and spec.clip[0] < 0:
       return (f"clip={spec.clip!r} on an unsigned symmetric spec, whose "

@@ -201,7 +201,9 @@ def test_report_flags_params_quantized_with_another_recipe():
   int4 = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(), act=jq.int8())])
   qparams = jq.quantize_params(model.apply, params, int4, x)
   rep = jq.report(model.apply, qparams, W8A8, x)
-  assert "params hold int4/ch, recipe says int8/ch" in str(rep)
+  assert "params hold int4/ch, the recipe says int8/ch" in str(rep)
+  with pytest.raises(ValueError, match="hold int4/ch, the recipe says int8"):
+    jq.quantized_apply(model.apply, W8A8)(qparams, x)
 
 
 def test_dropout_rngs_and_kwargs_pass_through():

@@ -115,6 +115,7 @@ class Tracer:
     """(traced model, dynamic argument leaves) for this call."""
     p_flat, p_def = jax.tree_util.tree_flatten_with_path(params,
                                                          is_leaf=is_qarray)
+    _check_param_leaves(p_flat)
     a_leaves, a_def = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = tuple(_is_dynamic(l) for l in a_leaves)
     dyn = [l for l, d in zip(a_leaves, dynamic) if d]
@@ -146,15 +147,39 @@ class Tracer:
     try:
       jaxpr, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
           p_abs, d_abs)
-    except Exception as e:  # most often: params or inputs of another model
-      raise ValueError(
-          f"tracing apply_fn failed ({type(e).__name__}: {e}); the params "
-          "or arguments do not fit apply_fn: pass params with the paths and "
-          "shapes the model was initialised with, and inputs of the shapes "
-          "it expects") from e
+    except Exception as e:
+      raise ValueError(f"tracing apply_fn failed ({type(e).__name__}: {e}); "
+                       f"{_trace_hint(e)}") from e
     out_tree = jax.tree_util.tree_structure(out_shape)
     return Traced(jaxpr, out_tree, tuple(path_str(p) for p, _ in p_flat),
                   p_abs, d_abs)
+
+
+def _check_param_leaves(p_flat) -> None:
+  for keypath, leaf in p_flat:
+    if not (is_qarray(leaf) or hasattr(leaf, "dtype")
+            and hasattr(leaf, "shape")):
+      raise ValueError(
+          f"params leaf {path_str(keypath) or '<root>'} is a "
+          f"{type(leaf).__name__}, not an array: params must be a pytree of "
+          "arrays. Close over non-array parts in apply_fn (for Equinox: "
+          "params, static = eqx.partition(model, eqx.is_array), and apply_fn "
+          "combines them), or pass Python numbers as jnp arrays")
+
+
+def _trace_hint(e: Exception) -> str:
+  """What most likely went wrong, from the tracing error's type."""
+  if isinstance(e, (jax.errors.ConcretizationTypeError,
+                    jax.errors.TracerBoolConversionError,
+                    jax.errors.TracerIntegerConversionError,
+                    jax.errors.TracerArrayConversionError)):
+    return ("apply_fn branches on, or converts to NumPy/Python, a value "
+            "computed from params or array arguments; jaxquant traces it "
+            "abstractly like jax.jit: use jax.lax.cond / jnp.where, or pass "
+            "such an argument as a Python value (it is then static)")
+  return ("the params or arguments do not fit apply_fn: pass params with the "
+          "paths and shapes the model was initialised with, and inputs of "
+          "the shapes it expects")
 
 
 def tag_inputs(traced: Traced, leaves, make_payload) -> list:

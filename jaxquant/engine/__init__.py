@@ -1,0 +1,20 @@
+"""Int8 execution: payloads of quantized weights, kernels, handlers.
+
+`quantize_params`, `quantized_apply`, `fake_quant_apply` and `report` trace
+the user's unmodified `apply_fn(params, *args, **kwargs)` once per abstract
+signature (`jaxquant.transform`) and evaluate it, handing every
+`dot_general` / `conv_general_dilated` that has a parameter operand to a
+handler's `on_matmul`: `payloads` (what a quantized weight carries),
+`kernels` (the int8 matmuls), `handlers` (what each mode computes).
+"""
+
+from jaxquant.engine.handlers import (FLOAT, INT8, WEIGHT_ONLY,
+                                      FakeQuantHandler, ObserveHandler,
+                                      OpRecord, QuantizedHandler,
+                                      check_act_specs, int_path_problem,
+                                      params_recipe_mismatch, spec_problem)
+from jaxquant.engine.kernels import (dynamic_act_scale, grouped_int8_matmul,
+                                     int8_matmul, quantized_activation,
+                                     static_act)
+from jaxquant.engine.payloads import (DequantizedPayload, GroupPayload,
+                                      QuantPayload)

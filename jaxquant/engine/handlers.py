@@ -1,0 +1,231 @@
+"""Handlers: what each mode computes for a matmul with a parameter operand.
+
+`ObserveHandler` (calibration) emits activations, `FakeQuantHandler` (QAT)
+fake-quantizes them, `QuantizedHandler` runs int8 kernels and records, per
+matmul, how it ran and why (`OpRecord`, shown by `jq.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxquant import numerics
+from jaxquant.engine.kernels import (accumulation_problem, activation_scale,
+                                     grouped_int8_matmul, int8_matmul,
+                                     max_terms, nan_rows, static_act)
+from jaxquant.engine.payloads import (GROUP_MOVED, DequantizedPayload,
+                                      GroupPayload, QuantPayload)
+from jaxquant.spec import QuantSpec
+from jaxquant.transform.interpreter import Handler, bind_plain
+from jaxquant.transform.site import Site
+from jaxquant.transform.tagged import value
+
+INT8, WEIGHT_ONLY, FLOAT = "int8", "weight-only", "float"
+
+_GROUPED = ("per-group scales need the group axis to be the only "
+            "contracted axis")
+_GROUP_ZP = "asymmetric per-group weights"
+_VARYING = "weight scale varies along a contracted axis"
+_CONV_ZP = "asymmetric weights in a convolution"
+
+
+def act_spec_problem(act: QuantSpec) -> str | None:
+  """The field of an activation spec the int8 engine cannot honour, if any.
+
+  Honoured: bits, signed, symmetric, granularity "channel" (per row / token:
+  reduced over the contracted axes) or "tensor", and a fixed clip=(lo, hi)
+  (a static scale).
+  """
+  if act.granularity == "group" or act.group_size is not None:
+    return (f"group_size={act.group_size}: activation scales are per row or "
+            "per tensor; use granularity='channel' or 'tensor'")
+  if act.channel_axes is not None:
+    return (f"channel_axes={act.channel_axes}: activation scales are per row "
+            "(the matmul's non-contracted axes); drop channel_axes")
+  if act.clip == "mse":
+    return ("clip='mse': for MSE-optimal activation ranges calibrate with "
+            "jq.calibrate(..., observer='mse') and pass stats= to "
+            "quantize_params; drop clip from act")
+  if act.rounding == "stochastic":
+    return ("rounding='stochastic': activations are rounded to nearest at "
+            "run time; use rounding='nearest'")
+  return None
+
+
+def check_act_specs(recipe) -> None:
+  """Raises ValueError naming the rule and field the engine cannot honour."""
+  for i, rule in enumerate(recipe.rules):
+    problem = rule.act is not None and act_spec_problem(rule.act)
+    if problem:
+      raise ValueError(f"rule {i} ({rule.pattern!r}): act {problem}")
+
+
+def group_problem(site: Site, spec: QuantSpec, act_spec) -> str | None:
+  """Why a per-group weight cannot run a grouped int8 matmul here."""
+  if site.moved:
+    return GROUP_MOVED
+  if (site.primitive != "dot_general" or len(site.weight_contract) != 1
+      or site.param_contract != {spec.group_axis}):
+    return _GROUPED
+  if not spec.symmetric:
+    return _GROUP_ZP
+  if spec.group_size > max_terms(spec, act_spec):
+    return f"group_size={spec.group_size} can overflow the int32 accumulator"
+  return None
+
+
+def int_path_problem(site: Site, payload, act_spec, params) -> str | None:
+  """Why this site cannot run int8 x int8 (None when it can).
+
+  `params` are the matmul equation's parameters; `act_spec` the activation
+  spec the kernel will use (a static one when the payload carries it).
+  """
+  if isinstance(payload, DequantizedPayload):
+    return payload.reason
+  if static_act(payload):
+    act_spec = payload.act_spec
+  if isinstance(payload, GroupPayload):
+    return group_problem(site, payload.spec, act_spec)
+  if site.primitive == "conv_general_dilated" and (
+      payload.zero_point is not None):
+    return _CONV_ZP
+  if site.batch_groups != 1:
+    return "batch_group_count > 1"
+  if any(payload.scale.shape[d] != 1 for d in site.weight_contract):
+    return _VARYING
+  return accumulation_problem(site, params, payload.spec, act_spec)
+
+
+def spec_problem(site: Site, spec: QuantSpec, act_spec, params) -> str | None:
+  """`int_path_problem` decided from the resolved weight spec alone."""
+  if spec.granularity == "group":
+    return group_problem(site, spec, act_spec)
+  if spec.granularity == "channel" and site.param_contract & set(
+      spec.channel_axes):
+    return _VARYING
+  if site.primitive == "conv_general_dilated" and not spec.symmetric:
+    return _CONV_ZP
+  return accumulation_problem(site, params, spec, act_spec)
+
+
+def _same_format(a: QuantSpec, b: QuantSpec) -> bool:
+  """Whether params quantized with `a` are what a recipe saying `b` wants."""
+  key = lambda s: (s.bits, s.signed, s.symmetric, s.granularity, s.group_size)
+  return key(a) == key(b)
+
+
+def params_recipe_mismatch(path, payload, rule) -> str | None:
+  """Why params and recipe disagree on the weight at `path`, if they do."""
+  weight = None if rule is None else rule.weight
+  if isinstance(payload, (QuantPayload, GroupPayload)):
+    if weight is None:
+      return (f"{path}: params hold {payload.spec.short()} but the recipe "
+              "keeps this weight float; quantize with this recipe")
+    if not _same_format(payload.spec, weight):
+      return (f"{path}: params hold {payload.spec.short()}, the recipe says "
+              f"{weight.short()}; quantize_params with this recipe")
+  elif not isinstance(payload, DequantizedPayload) and weight is not None:
+    return (f"{path}: params are float but the recipe quantizes this weight "
+            f"({weight.short()}); pass the output of jq.quantize_params")
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRecord:
+  """How one matmul ran: `mode` is 'int8', 'weight-only' or 'float'."""
+
+  path: str
+  primitive: str
+  mode: str
+  reason: str
+  weight_shape: tuple[int, ...]
+  act_shape: tuple[int, ...]
+  weight_spec: str
+  act_spec: str
+
+
+# --------------------------------------------------------------------------
+# Handlers
+
+
+@dataclasses.dataclass(kw_only=True)
+class ObserveHandler(Handler):
+  """Emits the activation operand of every matmul a rule quantizes."""
+
+  def on_matmul(self, eqn, site, rule, invals):
+    if rule is not None and rule.weight is not None:
+      self.emit(site.path, value(invals[site.act_index]))
+    return bind_plain(eqn, invals)
+
+
+@dataclasses.dataclass(kw_only=True)
+class FakeQuantHandler(Handler):
+  """Fake-quantizes the activation of every matmul that would run int8."""
+
+  specs: dict  # path -> resolved weight spec
+
+  def on_matmul(self, eqn, site, rule, invals):
+    if rule is None or rule.act is None or site.path not in self.specs or (
+        spec_problem(site, self.specs[site.path], rule.act, eqn.params)):
+      return bind_plain(eqn, invals)
+    a = site.act_index
+    x = value(invals[a])
+    scale, zp = activation_scale(x, site, rule.act)
+    scale = scale + nan_rows(x, site.act_contract)
+    invals = list(invals)
+    invals[a] = numerics.fake_quant_with_scale(x, scale, zp, rule.act)
+    return bind_plain(eqn, invals)
+
+
+@dataclasses.dataclass(kw_only=True)
+class QuantizedHandler(Handler):
+  """Runs int8 x int8 -> int32 matmuls; records what ran how."""
+
+  records: list = dataclasses.field(default_factory=list)
+  # Raise on params that do not match the recipe (report() records them).
+  strict: bool = True
+
+  def on_matmul(self, eqn, site, rule, invals):
+    if site is None:
+      self._record(eqn, invals, None, FLOAT, "no parameter kernel operand")
+      return bind_plain(eqn, invals)
+    payload = invals[site.weight_index].payload
+    mismatch = params_recipe_mismatch(site.path, payload, rule)
+    if mismatch and self.strict:
+      raise ValueError(mismatch)
+    if not isinstance(payload, (QuantPayload, GroupPayload,
+                                DequantizedPayload)):
+      self._record(eqn, invals, site, FLOAT, "parameter not quantized")
+      return bind_plain(eqn, invals)
+    if rule is None or rule.act is None:
+      self._record(eqn, invals, site, WEIGHT_ONLY, "no activation spec")
+      return bind_plain(eqn, invals)
+    problem = int_path_problem(site, payload, rule.act, eqn.params)
+    if problem:
+      self._record(eqn, invals, site, WEIGHT_ONLY, problem, rule.act)
+      return bind_plain(eqn, invals)
+    if static_act(payload):
+      self._record(eqn, invals, site, INT8, "static activation scale",
+                   payload.act_spec)
+    else:
+      self._record(eqn, invals, site, INT8, "", rule.act)
+    x = value(invals[site.act_index])
+    if isinstance(payload, GroupPayload):
+      return [grouped_int8_matmul(eqn, site, x, payload, rule.act)]
+    return [int8_matmul(eqn, site, x, payload, rule.act)]
+
+  def _record(self, eqn, invals, site, mode, reason, act_spec=None):
+    payload = None if site is None else invals[site.weight_index].payload
+    wspec = payload.spec.short() if isinstance(
+        payload, (QuantPayload, GroupPayload)) else (
+        "dequantized" if isinstance(payload, DequantizedPayload) else "float")
+    shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
+    rule = None if site is None else self.recipe.match(site.path)
+    mismatch = site and params_recipe_mismatch(site.path, payload, rule)
+    if mismatch:
+      reason = "; ".join(filter(None, [reason, mismatch.split(": ", 1)[1]]))
+    self.records.append(OpRecord(
+        site.path if site else "-", eqn.primitive.name, mode, reason,
+        site.weight_shape if site else shapes[1],
+        site.act_shape if site else shapes[0], wspec,
+        act_spec.short() if act_spec else "float"))

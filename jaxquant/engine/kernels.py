@@ -1,0 +1,300 @@
+"""Int8 matmul kernels: activation quantization, int8 x int8 -> int32, rescale.
+
+For activation x and weight w with per-row and per-output-channel scales:
+
+  x ~ (q_x - z_x) s_x,   w ~ (q_w - z_w) s_w
+  x . w ~ s_x s_w (q_x . q_w - z_x sum_k q_w - z_w sum_k q_x + K z_x z_w)
+
+`q_x . q_w` is one `dot_general(int8, int8, preferred_element_type=int32)`;
+the corrections vanish for symmetric specs (z = 0). This needs `s_w` constant
+along the contracted axes, which is why channel axes are read from the
+dimension numbers.
+
+Guarantees every kernel keeps (tested against float):
+- No int32 overflow: a contraction of K products of at most P in magnitude
+  is split into chunks of at most (2^31 - 1) // P products, each converted
+  to float32 and summed (`accumulate`); P = 127 * 127 for int8 x int8.
+- NaN/inf in an activation row gives NaN in that output row (per example for
+  convolutions), as in float: the row's `sum(x * 0)` (0, or NaN) is added to
+  its scale.
+- The int8 rounding has no useful gradient: differentiating these kernels
+  with respect to the activation raises, pointing to `jq.fake_quant_apply`
+  (gradients with respect to other float inputs, e.g. biases, flow).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxquant import numerics
+from jaxquant.engine.payloads import GroupPayload, QuantPayload
+from jaxquant.spec import QuantSpec
+from jaxquant.transform import layout
+from jaxquant.transform.site import Site
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def max_abs_int(spec: QuantSpec) -> int:
+  """Largest |q| of a spec's integers as they enter the dot (unsigned values
+  are shifted by 128 into int8)."""
+  return 128 if not spec.signed else max(-spec.qmin, spec.qmax)
+
+
+def max_terms(weight_spec: QuantSpec, act_spec: QuantSpec) -> int:
+  """Products an int32 partial sum may hold without overflowing."""
+  return _INT32_MAX // (max_abs_int(weight_spec) * max_abs_int(act_spec))
+
+
+def contraction(site: Site, params: dict):
+  """(terms per output, (act dim, weight dim) to split along, or None).
+
+  Dots split the longest contracted dimension pair; convolutions split the
+  input features (not with feature groups, whose slices would regroup).
+  """
+  w = site.weight_shape
+  if site.primitive == "dot_general":
+    terms = math.prod(w[d] for d in site.weight_contract)
+    if not site.weight_contract:
+      return terms, None
+    i = max(range(len(site.weight_contract)),
+            key=lambda i: w[site.weight_contract[i]])
+    return terms, (site.act_contract[i], site.weight_contract[i])
+  lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+  terms = math.prod(w) // w[rhs_spec[0]]
+  if params.get("feature_group_count", 1) != 1:
+    return terms, None
+  return terms, (lhs_spec[1], rhs_spec[1])
+
+
+def accumulation_problem(site: Site, params, weight_spec, act_spec):
+  """Why an int32 accumulator cannot hold this contraction, even split."""
+  terms, split = contraction(site, params)
+  limit = max_terms(weight_spec, act_spec)
+  if terms <= limit:
+    return None
+  if split is not None:
+    a_dim = split[0]
+    if terms // site.act_shape[a_dim] <= limit:
+      return None
+  return (f"contraction of {terms} terms can overflow the int32 "
+          "accumulator and cannot be split here")
+
+
+def accumulate(bind, lhs, rhs, dims, terms: int, limit: int):
+  """`bind(lhs, rhs)` (an int32 product) in float32, without overflow.
+
+  With more than `limit` products per output, the operands are sliced along
+  the contracted dimensions `dims = (lhs dim, rhs dim)` into chunks of at
+  most `limit` products; the int32 partial results are summed in float32.
+  """
+  if terms <= limit:
+    return bind(lhs, rhs).astype(jnp.float32)
+  l_dim, r_dim = dims
+  n = lhs.shape[l_dim]
+  chunk = limit // (terms // n)
+  total = None
+  for start in range(0, n, chunk):
+    stop = min(start + chunk, n)
+    part = bind(lax.slice_in_dim(lhs, start, stop, axis=l_dim),
+                lax.slice_in_dim(rhs, start, stop, axis=r_dim))
+    part = part.astype(jnp.float32)
+    total = part if total is None else total + part
+  return total
+
+
+@jax.custom_vjp
+def no_grad_through(y, x):
+  """`y`, an int8 kernel's output computed from activation `x`; raises when
+  differentiated with respect to `x` (int8 rounding has no useful gradient,
+  and autodiff would silently give zero)."""
+  return y
+
+
+def _no_grad_fwd(y, x):
+  if x.perturbed:
+    raise ValueError(
+        "jax.grad through jq.quantized_apply with respect to activations: "
+        "its int8 matmuls round them, whose gradient is zero almost "
+        "everywhere. For training or input gradients use "
+        "jq.fake_quant_apply(apply_fn, recipe) (float params, "
+        "straight-through gradients).")
+  return y.value, None
+
+
+def _no_grad_bwd(_, g):
+  return g, None
+
+
+no_grad_through.defvjp(_no_grad_fwd, _no_grad_bwd, symbolic_zeros=True)
+
+
+def nan_rows(x, axes):
+  """0 for rows of `x` (reduced over `axes`, keepdims) that are finite, NaN
+  for rows with a NaN or inf: added to a row's scale, it poisons the row."""
+  return jnp.sum(jax.lax.stop_gradient(x).astype(jnp.float32) * 0, axis=axes,
+                 keepdims=True)
+
+
+def fixed_act_scale(spec: QuantSpec):
+  """Per-tensor scale and zero point of a fixed `clip=(lo, hi)` spec."""
+  lo, hi = (jnp.float32(c) for c in spec.clip)
+  return numerics.scale_from_range(lo, hi, spec)
+
+
+def activation_scale(x, site: Site, spec: QuantSpec):
+  """Scale and zero point of activation `x`: the spec's fixed clip range,
+  or `dynamic_act_scale`."""
+  if isinstance(spec.clip, tuple):
+    return fixed_act_scale(spec)
+  return dynamic_act_scale(x, site, spec)
+
+
+def dynamic_act_scale(x, site: Site, spec: QuantSpec):
+  """Scale and zero point of activation `x` from its own range.
+
+  Per row / token (reduced over the contracted axes; per example for
+  convolutions), or per tensor when `spec.granularity == "tensor"`.
+  """
+  reduce = (tuple(range(x.ndim)) if spec.granularity == "tensor"
+            else site.act_contract)
+  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+  # max() skips NaN: callers add `nan_rows` to the scale.
+  if spec.symmetric:
+    hi = jnp.max(jnp.abs(x), axis=reduce, keepdims=True)
+    lo = -hi
+  else:
+    lo = jnp.min(x, axis=reduce, keepdims=True)
+    hi = jnp.max(x, axis=reduce, keepdims=True)
+  return numerics.scale_from_range(lo, hi, spec)
+
+
+def _signed(q, zp, spec: QuantSpec):
+  """int8 values (and zero point) for the dot; uint8 is shifted by 128."""
+  if spec.signed:
+    return q, zp
+  shifted = (q.astype(jnp.int16) - 128).astype(jnp.int8)
+  return shifted, (0.0 if zp is None else zp) - 128.0
+
+
+def static_act(payload) -> bool:
+  """Whether calibrated activation scales apply at this (scan) depth."""
+  return (isinstance(payload, (QuantPayload, GroupPayload))
+          and payload.act_scale is not None and payload.act_scale.ndim == 0)
+
+
+def quantized_activation(x, site: Site, payload, act_spec):
+  """(int8 values, keepdims scale, zero point or None, spec) of activation x.
+
+  Calibrated (static) scales and fixed clips only clip and round; otherwise
+  the scale comes from `x` itself (`dynamic_act_scale`). Rows with NaN/inf
+  get a NaN scale (`nan_rows`).
+  """
+  if static_act(payload):
+    act_spec = payload.act_spec
+    sx, zx = payload.act_scale, payload.act_zero_point
+  else:
+    sx, zx = activation_scale(x, site, act_spec)
+  qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
+                   act_spec)
+  sx = sx + nan_rows(x, site.act_contract)
+  return qx, sx, None if zx is None else jnp.broadcast_to(zx, sx.shape), (
+      act_spec)
+
+
+def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
+  """One quantized `dot_general` / `conv_general_dilated` (see module doc)."""
+  w = site.weight_index
+  qx, sx, zx, act_spec = quantized_activation(x, site, payload, act_spec)
+  qw, zw = _signed(payload.values, payload.zero_point, payload.spec)
+  params = dict(eqn.params, preferred_element_type=jnp.int32)
+  if "precision" in params:
+    params["precision"] = None
+  bind = lambda a, b: eqn.primitive.bind(*((b, a) if w == 0 else (a, b)),
+                                         **params)
+  terms, dims = contraction(site, eqn.params)
+  acc = accumulate(bind, qx, qw, dims, terms,
+                   max_terms(payload.spec, act_spec))
+  out_ndim = eqn.outvars[0].aval.ndim
+  if site.primitive == "conv_general_dilated":
+    sx_out, sw_out = _conv_scales(eqn, sx, payload.scale, out_ndim)
+    if zx is not None:
+      # sum of q_w over the window taps that fall inside the image (padding
+      # contributes 0, not z_x): the same conv on a one-example tensor of 1s.
+      shape = list(qx.shape)
+      shape[eqn.params["dimension_numbers"][0][0]] = 1
+      ones = jnp.ones(shape, jnp.int8)
+      taps = eqn.primitive.bind(ones, qw, **params).astype(jnp.float32)
+      zx_out, _ = _conv_scales(eqn, zx, payload.scale, out_ndim)
+      acc = acc - zx_out * taps
+    out = (acc * sx_out * sw_out).astype(eqn.outvars[0].aval.dtype)
+    return no_grad_through(out, x)
+  to_x = lambda s: layout.to_output_layout(
+      s, site.act_contract, site.act_batch, w == 1,
+      qw.ndim - len(site.weight_contract) - len(site.weight_batch))
+  to_w = lambda s: layout.to_output_layout(
+      s, site.weight_contract, site.weight_batch, w == 0,
+      qx.ndim - len(site.act_contract) - len(site.act_batch))
+  if zx is not None:
+    colsum = jnp.sum(qw, site.weight_contract, jnp.int32, keepdims=True)
+    acc = acc - to_x(zx) * to_w(colsum)
+  if zw is not None:
+    rowsum = jnp.sum(qx, site.act_contract, jnp.int32, keepdims=True)
+    acc = acc - to_w(zw) * to_x(rowsum)
+    if zx is not None:
+      k = layout.contracted_size(qx.shape, site.act_contract)
+      acc = acc + k * to_x(zx) * to_w(zw)
+  out = (acc * to_x(sx) * to_w(payload.scale)).astype(
+      eqn.outvars[0].aval.dtype)
+  return no_grad_through(out, x)
+
+
+def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
+  """`dot_general` with per-group weight scales as a batch of int8 dots.
+
+  With the contraction axis split into G groups of size g,
+    x . w ~ s_x sum_G s_w[G] (q_x[G] . q_w[G])
+  one `dot_general(s8, s8) -> s32` with G as an extra batch dimension, then
+  a scaled sum over G in float.
+  """
+  w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
+  size = payload.spec.group_size  # <= max_terms: see accumulation_problem
+  qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
+  split = lambda a, d: a.reshape(a.shape[:d] + (a.shape[d] // size, size)
+                                 + a.shape[d + 1:])
+  grow = lambda dims, d: tuple(i + (i > d) for i in dims)
+  ab, wb = grow(site.act_batch, ca), grow(site.weight_batch, cw)
+  qxg, qwg = split(qx, ca), split(payload.values, cw)
+  a_dims = ((ca + 1,), ab + (ca,))
+  w_dims = ((cw + 1,), wb + (cw,))
+  lhs, rhs = (qwg, qxg) if w == 0 else (qxg, qwg)
+  (lc, lb), (rc, rb) = (w_dims, a_dims) if w == 0 else (a_dims, w_dims)
+  acc = jax.lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)),
+                            preferred_element_type=jnp.int32)
+  acc = acc.astype(jnp.float32)
+  n_act_free = qx.ndim - 1 - len(site.act_batch)
+  n_w_free = payload.values.ndim - 1 - len(site.weight_batch)
+  to_x = lambda s: layout.to_output_layout(
+      jnp.expand_dims(s, ca + 1), (ca + 1,), ab + (ca,), w == 1, n_w_free)
+  sw = payload.expanded(payload.scale)
+  to_w = lambda s: layout.to_output_layout(s, (cw + 1,), wb + (cw,), w == 0,
+                                           n_act_free)
+  if zx is not None:
+    colsum = jnp.sum(qwg, cw + 1, jnp.int32, keepdims=True)
+    acc = acc - to_x(zx) * to_w(colsum)
+  out = jnp.sum(acc * to_x(sx) * to_w(sw), axis=len(site.act_batch))
+  return no_grad_through(out.astype(eqn.outvars[0].aval.dtype), x)
+
+
+def _conv_scales(eqn, sx, sw, out_ndim):
+  lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+  x_shape = [1] * out_ndim
+  x_shape[out_spec[0]] = sx.shape[lhs_spec[0]]
+  w_shape = [1] * out_ndim
+  w_shape[out_spec[1]] = sw.shape[rhs_spec[0]]
+  return sx.reshape(x_shape), sw.reshape(w_shape)

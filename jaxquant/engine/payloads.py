@@ -1,0 +1,134 @@
+"""Payloads of quantized weights, as they travel to their matmuls.
+
+`QuantPayload` carries integer values and keepdims scales (size 1 on axes a
+scale does not vary over) and follows layout ops by applying the same op to
+both; `GroupPayload` carries per-group scales and follows dtype casts only;
+`DequantizedPayload` is a weight that can only run weight-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant import numerics
+from jaxquant.qarray import QArray
+from jaxquant.spec import QuantSpec
+from jaxquant.transform.interpreter import LayoutRule
+from jaxquant.transform.tagged import FloatPayload
+
+GROUP_MOVED = "per-group weight reshaped or transposed before its matmul"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantPayload:
+  """Integer values and keepdims scales, in the layout of the current value."""
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(metadata=dict(static=True))
+  act_scale: jax.Array | None = None  # static activation quantization
+  act_zero_point: jax.Array | None = None
+  act_spec: QuantSpec | None = dataclasses.field(
+      default=None, metadata=dict(static=True))
+
+  @classmethod
+  def of(cls, q: QArray):
+    if q.spec.granularity == "group":
+      return GroupPayload(q.int_values(), q.scale, q.zero_point, q.spec,
+                          q.dtype, q.act_scale, q.act_zero_point, q.act_spec,
+                          q.spec.group_axis)
+    return cls(q.int_values(), q.scale, q.zero_point, q.spec, q.dtype,
+               q.act_scale, q.act_zero_point, q.act_spec)
+
+  def materialize(self):
+    return numerics.dequantize_with_scale(self.values, self.scale,
+                                          self.zero_point, self.dtype)
+
+  def apply(self, eqn, others, rule: LayoutRule):
+    params = eqn.params
+    if eqn.primitive.name == "convert_element_type":
+      if not jnp.issubdtype(params["new_dtype"], jnp.floating):
+        return None
+      return dataclasses.replace(self, dtype=params["new_dtype"])
+    in_shape = eqn.invars[0].aval.shape
+    out_shape = eqn.outvars[0].aval.shape
+    scale = rule.scale(params, self.scale, in_shape, out_shape, others)
+    zp = self.zero_point
+    if zp is not None:
+      zp = rule.scale(params, zp, in_shape, out_shape, others)
+    if scale is None or (self.zero_point is not None and zp is None):
+      return None
+    values = eqn.primitive.bind(self.values, *others, **params)
+    return dataclasses.replace(self, values=values, scale=scale, zero_point=zp)
+
+  def stackable(self, length):
+    """Every leaf with `length` on axis 0, for `lax.scan` to slice.
+
+    Scales are broadcast along the stacked axis; a shared () activation
+    scale becomes one per step, a per-layer (layers,) one is kept.
+    """
+    def stack(a):
+      return None if a is None else jnp.broadcast_to(
+          a, (length,) + a.shape[1:])
+    return dataclasses.replace(
+        self, scale=stack(self.scale), zero_point=stack(self.zero_point),
+        act_scale=stack(self.act_scale),
+        act_zero_point=stack(self.act_zero_point))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DequantizedPayload(FloatPayload):
+  """A quantized weight that can only run weight-only (dequantized)."""
+
+  reason: str = dataclasses.field(default="", metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupPayload:
+  """Integer values with per-group scales (`n_groups` on `group_dim`).
+
+  It follows dtype casts only: any other layout op turns it into a
+  `DequantizedPayload`, so int8 compute sees the parameter's own layout.
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(metadata=dict(static=True))
+  act_scale: jax.Array | None  # static activation quantization
+  act_zero_point: jax.Array | None
+  act_spec: QuantSpec | None = dataclasses.field(metadata=dict(static=True))
+  group_dim: int = dataclasses.field(metadata=dict(static=True))
+
+  def expanded(self, a):
+    """A per-group array broadcastable against the grouped view."""
+    return None if a is None else jnp.expand_dims(a, self.group_dim + 1)
+
+  def materialize(self):
+    spec = dataclasses.replace(self.spec, group_axis=self.group_dim)
+    view = numerics.grouped(self.values, spec)
+    out = numerics.dequantize_with_scale(
+        view, self.expanded(self.scale), self.expanded(self.zero_point),
+        self.dtype)
+    return out.reshape(self.values.shape)
+
+  def apply(self, eqn, others, rule: LayoutRule):
+    if eqn.primitive.name == "convert_element_type" and jnp.issubdtype(
+        eqn.params["new_dtype"], jnp.floating):
+      return dataclasses.replace(self, dtype=eqn.params["new_dtype"])
+    moved = eqn.primitive.bind(self.materialize(), *others, **eqn.params)
+    return DequantizedPayload(moved, GROUP_MOVED)
+
+  def stackable(self, length):
+    return dataclasses.replace(
+        QuantPayload.stackable(self, length), group_dim=self.group_dim - 1)
