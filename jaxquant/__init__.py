@@ -18,7 +18,8 @@ from jaxquant.checkpoint import load, save
 from jaxquant.hlo import Int8Ops, int8_ops
 from jaxquant.qarray import QArray, dequantize, fake_quant, quantize
 from jaxquant.rules import Recipe, Rule
-from jaxquant.spec import QuantSpec, int2, int3, int4, int8, uint8
+from jaxquant.spec import (QuantSpec, fp8_e4m3, fp8_e5m2, int2, int3, int4,
+                           int8, nf4, uint8)
 from jaxquant.tree import dequantize_tree, nbytes, quantize_tree
 
 __version__ = "0.1.0"
@@ -27,8 +28,8 @@ __all__ = [
     "Calibration", "Int8Ops", "LayerReport", "QArray", "QuantSpec",
     "RangeTable", "Recipe", "Report", "Rule", "Stats", "auto_recipe",
     "calibrate", "calibration", "dequantize", "dequantize_tree", "fake_quant",
-    "fake_quant_apply", "int2", "int3", "int4", "int8", "int8_ops",
-    "layer_report", "load", "nbytes", "observers", "quantize",
+    "fake_quant_apply", "fp8_e4m3", "fp8_e5m2", "int2", "int3", "int4", "int8", "int8_ops",
+    "layer_report", "load", "nbytes", "nf4", "observers", "quantize",
     "quantize_params", "quantize_tree", "quantized_apply", "report", "save",
     "sensitivity", "sqnr_db", "uint8",
 ]

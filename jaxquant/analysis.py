@@ -91,7 +91,9 @@ class _CompareHandler(Handler):
     quant = pair.quant
     if rule.act is not None and not engine.int_path_problem(
         site, quant, rule.act, eqn.params):
-      approx = engine.int8_matmul(eqn, site, x, quant, rule.act)
+      approx = (engine.int8_matmul(eqn, site, x, quant, rule.act)
+                if quant.spec.format == "int" else engine.fp8_matmul(
+                    eqn, site, x, quant, rule.act, native=False))
     else:
       w = Tagged(FloatPayload(quant.materialize()), site.path,
                  invals[site.weight_index].axes)

@@ -191,7 +191,8 @@ def fake_quant_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-  """How each matmul of a model runs under `quantized_apply`."""
+  """How each matmul of a model runs under `quantized_apply`: `mode` is
+  'int8', 'fp8', 'weight-only' or 'float', with the reason."""
 
   ops: tuple[engine.OpRecord, ...]
 
@@ -204,7 +205,8 @@ class Report:
     rows = [(o.path, o.primitive.replace("conv_general_dilated", "conv"),
              o.mode, o.weight_spec, o.act_spec, str(o.weight_shape),
              str(o.act_shape), o.reason) for o in self.ops]
-    summary = (f"{self.count(engine.INT8)} int8, "
+    fp8 = f"{self.count(engine.FP8)} fp8, " if self.count(engine.FP8) else ""
+    summary = (f"{self.count(engine.INT8)} int8, {fp8}"
                f"{self.count(engine.WEIGHT_ONLY)} weight-only, "
                f"{self.count(engine.FLOAT)} float")
     return text.table(head, rows) + "\n" + summary

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import formats
 from jaxquant.spec import QuantSpec
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -178,19 +179,30 @@ def round_values(v: jax.Array, spec: QuantSpec, key=None) -> jax.Array:
 
 
 def storage_dtype(spec: QuantSpec):
+  if spec.format != "int":
+    return formats.storage_dtype(spec.format)
   return jnp.int8 if spec.signed else jnp.uint8
 
 
 def quantize_with_scale(x, scale, zero_point, spec: QuantSpec, key=None):
-  """Integer values (int8/uint8 storage) of `x` on the grid of `spec`."""
+  """Codes of `x` on the grid of `spec`: integers (int8/uint8 storage), or
+  fp8 values / nf4 indices (`jaxquant.formats`)."""
   v = x.astype(jnp.float32) / scale
+  if spec.format != "int":
+    return formats.encode(v, spec.format)
   if zero_point is not None:
     v = v + zero_point
   q = jnp.clip(round_values(v, spec, key), spec.qmin, spec.qmax)
   return q.astype(storage_dtype(spec))
 
 
+def decode(q, spec: QuantSpec):
+  """Grid values of codes: integers and fp8 as they are, nf4 looked up."""
+  return formats.decode(q, "nf4") if spec.format == "nf4" else q
+
+
 def dequantize_with_scale(q, scale, zero_point, dtype=jnp.float32):
+  """`(q - zero_point) * scale` for grid values `q` (see `decode`)."""
   v = q.astype(jnp.float32)
   if zero_point is not None:
     v = v - zero_point
@@ -238,7 +250,7 @@ def fake_quant_with_scale(x, scale, zero_point, spec: QuantSpec, key=None):
 
 
 def quantize_dequantize(x, scale, zero_point, spec, key=None):
-  q = quantize_with_scale(x, scale, zero_point, spec, key)
+  q = decode(quantize_with_scale(x, scale, zero_point, spec, key), spec)
   return dequantize_with_scale(q, scale, zero_point, x.dtype)
 
 

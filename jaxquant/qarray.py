@@ -67,11 +67,17 @@ class QArray:
                for p in parts if p is not None)
 
   def int_values(self) -> jax.Array:
-    """The integer values, unpacked: int8 (signed) or uint8, `self.shape`."""
+    """The stored codes, unpacked to `self.shape`: int8 (signed) or uint8
+    integers, fp8 values, or uint8 nf4 indices."""
     if not self.spec.packed:
       return self.values
     return packing.unpack(self.values, self.spec.bits, self.shape,
-                          self.spec.signed)
+                          self.spec.codes_signed)
+
+  def grid_values(self) -> jax.Array:
+    """Values on the spec's grid before scaling: integers, fp8 values, or
+    nf4 code values in [-1, 1]."""
+    return numerics.decode(self.int_values(), self.spec)
 
   def dequantize(self) -> jax.Array:
     return dequantize(self)
@@ -157,7 +163,7 @@ def _scale_shape(view_shape, spec):
 
 def dequantize(q: QArray) -> jax.Array:
   """The float tensor `(values - zero_point) * scale`, in `q.dtype`."""
-  values = q.int_values()
+  values = q.grid_values()
   if q.spec.granularity != "group":
     return numerics.dequantize_with_scale(values, q.scale, q.zero_point,
                                           q.dtype)

@@ -8,6 +8,12 @@ Integer grid
   signed, asymmetric:  q in [-2^(b-1),       2^(b-1) - 1]
   unsigned:            q in [0, 2^b - 1]
 
+Other formats (`format=`, see `jaxquant.formats`): "fp8_e4m3" and
+"fp8_e5m2" (8-bit floats; `jq.fp8_e4m3()`, `jq.fp8_e5m2()`) and "nf4" (the
+4-bit normal-float codebook, weight-only; `jq.nf4(group_size=64)`). They are
+signed and symmetric; the scale maps a block's absmax to the format's largest
+value (448, 57344, 1).
+
 Clipping: `clip=None` takes each block's range from the data (absmax, or
 min and max when asymmetric); `clip=(lo, hi)` fixes it (finite float32
 bounds: scales are float32; values beyond saturate); `clip="mse"` shrinks
@@ -34,6 +40,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from typing import Literal
+
+from jaxquant import formats
 
 Granularity = Literal["tensor", "channel", "group"]
 Rounding = Literal["nearest", "stochastic"]
@@ -65,6 +73,7 @@ class QuantSpec:
   group_axis: int | None = None
   rounding: Rounding = "nearest"
   clip: tuple[float, float] | Literal["mse"] | None = None
+  format: str = "int"
 
   def __post_init__(self):
     problem = _type_problem(self)
@@ -85,14 +94,18 @@ class QuantSpec:
       raise ValueError(f"invalid QuantSpec: {problem}")
 
   @property
-  def qmin(self) -> int:
+  def qmin(self) -> int | float:
+    if self.format != "int":
+      return -formats.grid_max(self.format)
     if not self.signed:
       return 0
     half = 2 ** (self.bits - 1)
     return -(half - 1) if self.symmetric else -half
 
   @property
-  def qmax(self) -> int:
+  def qmax(self) -> int | float:
+    if self.format != "int":
+      return formats.grid_max(self.format)
     return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
 
   @property
@@ -100,10 +113,18 @@ class QuantSpec:
     """Whether values are bit-packed (every width below 8 bits)."""
     return self.bits < 8
 
+  @property
+  def codes_signed(self) -> bool:
+    """Whether stored (unpacked) codes are signed integers."""
+    return self.signed and self.format == "int"
+
   def short(self) -> str:
-    """A compact label such as 'int8/ch', 'int4/g128', 'uint8/t asym'."""
+    """A compact label such as 'int8/ch', 'int4/g128', 'uint8/t asym',
+    'fp8_e4m3/t', 'nf4/g64'."""
     kind = {"tensor": "t", "channel": "ch", "group": f"g{self.group_size}"}
-    name = f"{'' if self.signed else 'u'}int{self.bits}/{kind[self.granularity]}"
+    label = (f"{'' if self.signed else 'u'}int{self.bits}"
+             if self.format == "int" else self.format)
+    name = f"{label}/{kind[self.granularity]}"
     return name + ("" if self.symmetric else " asym")
 
 
@@ -139,7 +160,27 @@ def _type_problem(spec: QuantSpec) -> str | None:
   return None
 
 
+def _format_problem(spec: QuantSpec) -> str | None:
+  if spec.format not in formats.FORMATS:
+    return (f"format={spec.format!r}; use one of {formats.FORMATS} (or "
+            "jq.fp8_e4m3(), jq.fp8_e5m2(), jq.nf4())")
+  if spec.format == "int":
+    return None
+  if spec.bits != formats.bits(spec.format):
+    return (f"bits={spec.bits} with format={spec.format!r}, which has "
+            f"{formats.bits(spec.format)} bits; drop bits=")
+  if not (spec.signed and spec.symmetric):
+    return (f"format={spec.format!r} is signed and symmetric; drop "
+            "signed= / symmetric=")
+  if spec.rounding != "nearest":
+    return (f"format={spec.format!r} rounds to nearest; drop "
+            "rounding='stochastic'")
+  return None
+
+
 def _problem(spec: QuantSpec) -> str | None:
+  if problem := _format_problem(spec):
+    return problem
   if not _is_int(spec.bits) or not MIN_BITS <= spec.bits <= MAX_BITS:
     return (f"bits={spec.bits!r}; bits must be an integer in "
             f"[{MIN_BITS}, {MAX_BITS}] (use jq.int8(), jq.int4() or jq.int2())")
@@ -198,6 +239,32 @@ def int4(group_size: int | None = None, **kwargs) -> QuantSpec:
 def int3(group_size: int | None = None, **kwargs) -> QuantSpec:
   """Signed symmetric 3-bit ({-3..3}), eight values in three bytes."""
   return _shorthand(3, True, group_size, **kwargs)
+
+
+def fp8_e4m3(**kwargs) -> QuantSpec:
+  """8-bit float, 4 exponent and 3 mantissa bits (max 448), per channel.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> q = jq.quantize(jnp.array([[1.0, -0.1]]), jq.fp8_e4m3(
+    ...     granularity="tensor"))
+    >>> q.values.dtype, q.dequantize().tolist()
+    (dtype(float8_e4m3fn), [[1.0, -0.10044642537832260]])
+  """
+  return QuantSpec(bits=8, format="fp8_e4m3", **kwargs)
+
+
+def fp8_e5m2(**kwargs) -> QuantSpec:
+  """8-bit float, 5 exponent and 2 mantissa bits (max 57344), per channel."""
+  return QuantSpec(bits=8, format="fp8_e5m2", **kwargs)
+
+
+def nf4(group_size: int | None = 64, **kwargs) -> QuantSpec:
+  """4-bit normal-float codebook (QLoRA), per group of 64 by default;
+  weight-only. Stored two per byte."""
+  if group_size is not None:
+    kwargs.setdefault("granularity", "group")
+  return QuantSpec(bits=4, format="nf4", group_size=group_size, **kwargs)
 
 
 def int2(group_size: int | None = None, **kwargs) -> QuantSpec:

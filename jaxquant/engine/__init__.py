@@ -8,12 +8,13 @@ handler's `on_matmul`: `payloads` (what a quantized weight carries),
 `kernels` (the int8 matmuls), `handlers` (what each mode computes).
 """
 
-from jaxquant.engine.handlers import (FLOAT, INT8, WEIGHT_ONLY,
+from jaxquant.engine.handlers import (FLOAT, FP8, INT8, WEIGHT_ONLY,
                                       FakeQuantHandler, ObserveHandler,
                                       OpRecord, QuantizedHandler,
                                       check_act_specs, int_path_problem,
                                       params_recipe_mismatch, spec_problem)
-from jaxquant.engine.kernels import (dynamic_act_scale, grouped_int8_matmul,
+from jaxquant.engine.kernels import (dynamic_act_scale, fp8_matmul,
+                                     grouped_int8_matmul,
                                      int8_matmul, quantized_activation,
                                      static_act)
 from jaxquant.engine.payloads import (DequantizedPayload, GroupPayload,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 from jaxquant import numerics
+from jaxquant.engine import lowering
 from jaxquant.engine.kernels import (accumulation_problem, activation_scale,
-                                     grouped_int8_matmul, int8_matmul,
-                                     max_terms, nan_rows, static_act)
+                                     fp8_matmul, grouped_int8_matmul,
+                                     int8_matmul, max_terms, static_act)
 from jaxquant.engine.payloads import (GROUP_MOVED, DequantizedPayload,
                                       GroupPayload, QuantPayload)
 from jaxquant.spec import QuantSpec
@@ -20,7 +21,7 @@ from jaxquant.transform.interpreter import Handler, bind_plain
 from jaxquant.transform.site import Site
 from jaxquant.transform.tagged import value
 
-INT8, WEIGHT_ONLY, FLOAT = "int8", "weight-only", "float"
+INT8, FP8, WEIGHT_ONLY, FLOAT = "int8", "fp8", "weight-only", "float"
 
 _GROUPED = ("per-group scales need the group axis to be the only "
             "contracted axis")
@@ -36,6 +37,8 @@ def act_spec_problem(act: QuantSpec) -> str | None:
   reduced over the contracted axes) or "tensor", and a fixed clip=(lo, hi)
   (a static scale).
   """
+  if act.format == "nf4":
+    return "format='nf4' is a weight format; use int8 or fp8 activations"
   if act.granularity == "group" or act.group_size is not None:
     return (f"group_size={act.group_size}: activation scales are per row or "
             "per tensor; use granularity='channel' or 'tensor'")
@@ -58,6 +61,18 @@ def check_act_specs(recipe) -> None:
     problem = rule.act is not None and act_spec_problem(rule.act)
     if problem:
       raise ValueError(f"rule {i} ({rule.pattern!r}): act {problem}")
+
+
+def format_problem(weight: QuantSpec, act: QuantSpec) -> str | None:
+  """Why these weight and activation formats have no quantized matmul."""
+  if weight.format == "nf4":
+    return "nf4 weights run weight-only"
+  is_fp8 = lambda spec: spec.format.startswith("fp8")
+  if (weight.format == "int" and act.format == "int") or (
+      is_fp8(weight) and is_fp8(act)):
+    return None
+  return (f"{weight.format} weights with {act.format} activations have no "
+          "quantized matmul")
 
 
 def group_problem(site: Site, spec: QuantSpec, act_spec) -> str | None:
@@ -84,6 +99,11 @@ def int_path_problem(site: Site, payload, act_spec, params) -> str | None:
     return payload.reason
   if static_act(payload):
     act_spec = payload.act_spec
+  if problem := format_problem(payload.spec, act_spec):
+    return problem
+  if payload.spec.format != "int":  # fp8: float accumulation, any layout
+    return _VARYING if any(payload.scale.shape[d] != 1
+                           for d in site.weight_contract) else None
   if isinstance(payload, GroupPayload):
     return group_problem(site, payload.spec, act_spec)
   if site.primitive == "conv_general_dilated" and (
@@ -98,6 +118,12 @@ def int_path_problem(site: Site, payload, act_spec, params) -> str | None:
 
 def spec_problem(site: Site, spec: QuantSpec, act_spec, params) -> str | None:
   """`int_path_problem` decided from the resolved weight spec alone."""
+  if problem := format_problem(spec, act_spec):
+    return problem
+  if spec.format != "int":
+    return _VARYING if spec.granularity == "group" or (
+        spec.granularity == "channel"
+        and site.param_contract & set(spec.channel_axes)) else None
   if spec.granularity == "group":
     return group_problem(site, spec, act_spec)
   if spec.granularity == "channel" and site.param_contract & set(
@@ -171,7 +197,6 @@ class FakeQuantHandler(Handler):
     a = site.act_index
     x = value(invals[a])
     scale, zp = activation_scale(x, site, rule.act)
-    scale = scale + nan_rows(x, site.act_contract)
     invals = list(invals)
     invals[a] = numerics.fake_quant_with_scale(x, scale, zp, rule.act)
     return bind_plain(eqn, invals)
@@ -204,12 +229,15 @@ class QuantizedHandler(Handler):
     if problem:
       self._record(eqn, invals, site, WEIGHT_ONLY, problem, rule.act)
       return bind_plain(eqn, invals)
-    if static_act(payload):
-      self._record(eqn, invals, site, INT8, "static activation scale",
-                   payload.act_spec)
-    else:
-      self._record(eqn, invals, site, INT8, "", rule.act)
+    act = payload.act_spec if static_act(payload) else rule.act
+    static = "static activation scale" if static_act(payload) else ""
     x = value(invals[site.act_index])
+    if payload.spec.format != "int":
+      native = lowering.fp8_native() and site.primitive == "dot_general"
+      reason = "; ".join(filter(None, [lowering.fp8_reason(native), static]))
+      self._record(eqn, invals, site, FP8, reason, act)
+      return [fp8_matmul(eqn, site, x, payload, rule.act, native)]
+    self._record(eqn, invals, site, INT8, static, act)
     if isinstance(payload, GroupPayload):
       return [grouped_int8_matmul(eqn, site, x, payload, rule.act)]
     return [int8_matmul(eqn, site, x, payload, rule.act)]

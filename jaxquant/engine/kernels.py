@@ -15,8 +15,9 @@ Guarantees every kernel keeps (tested against float):
   is split into chunks of at most (2^31 - 1) // P products, each converted
   to float32 and summed (`accumulate`); P = 127 * 127 for int8 x int8.
 - NaN/inf in an activation row gives NaN in that output row (per example for
-  convolutions), as in float: the row's `sum(x * 0)` (0, or NaN) is added to
-  its scale.
+  convolutions), as in float, through a NaN scale for the row: within the
+  per-row range reduction for dynamic scales (free), or one extra reduction,
+  the row's `sum(x * 0)` (0, or NaN), for static and per-tensor scales.
 - The int8 rounding has no useful gradient: differentiating these kernels
   with respect to the activation raises, pointing to `jq.fake_quant_apply`
   (gradients with respect to other float inputs, e.g. biases, flow).
@@ -148,30 +149,50 @@ def fixed_act_scale(spec: QuantSpec):
 
 
 def activation_scale(x, site: Site, spec: QuantSpec):
-  """Scale and zero point of activation `x`: the spec's fixed clip range,
-  or `dynamic_act_scale`."""
+  """Scale and zero point of activation `x`, NaN on rows with NaN or inf.
+
+  From the spec's fixed clip range, or from `x` itself (`dynamic_act_scale`).
+  """
   if isinstance(spec.clip, tuple):
-    return fixed_act_scale(spec)
+    scale, zero_point = fixed_act_scale(spec)
+    return poisoned(scale, x, site), zero_point
   return dynamic_act_scale(x, site, spec)
+
+
+def poisoned(scale, x, site: Site):
+  """`scale` broadcast per row, NaN on rows of `x` with a NaN or inf: one
+  reduction over `x`, for scales that do not come from a per-row one."""
+  return scale + nan_rows(x, site.act_contract)
 
 
 def dynamic_act_scale(x, site: Site, spec: QuantSpec):
   """Scale and zero point of activation `x` from its own range.
 
   Per row / token (reduced over the contracted axes; per example for
-  convolutions), or per tensor when `spec.granularity == "tensor"`.
+  convolutions), or per tensor when `spec.granularity == "tensor"`. Rows
+  with a NaN or inf get a NaN scale, so their outputs are NaN as in float:
+  per row, within the same reduction (NaN counts as inf; XLA's max would
+  skip it); per tensor, with `poisoned`.
   """
-  reduce = (tuple(range(x.ndim)) if spec.granularity == "tensor"
-            else site.act_contract)
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
-  # max() skips NaN: callers add `nan_rows` to the scale.
+  if spec.granularity == "tensor":
+    lo, hi = _range(x, tuple(range(x.ndim)), spec, nan=0.0)
+    scale, zero_point = numerics.scale_from_range(lo, hi, spec)
+    return poisoned(scale, x, site), zero_point
+  lo, hi = _range(x, site.act_contract, spec, nan=jnp.inf)
+  scale, zero_point = numerics.scale_from_range(lo, hi, spec)
+  return jnp.where(jnp.isinf(hi - lo), jnp.nan, scale), zero_point
+
+
+def _range(x, axes, spec: QuantSpec, nan: float):
+  """(lo, hi) of `x` over `axes` (keepdims), with NaN read as +-`nan`."""
   if spec.symmetric:
-    hi = jnp.max(jnp.abs(x), axis=reduce, keepdims=True)
-    lo = -hi
-  else:
-    lo = jnp.min(x, axis=reduce, keepdims=True)
-    hi = jnp.max(x, axis=reduce, keepdims=True)
-  return numerics.scale_from_range(lo, hi, spec)
+    hi = jnp.max(jnp.where(jnp.isnan(x), nan, jnp.abs(x)), axis=axes,
+                 keepdims=True)
+    return -hi, hi
+  lo = jnp.min(jnp.where(jnp.isnan(x), -nan, x), axis=axes, keepdims=True)
+  hi = jnp.max(jnp.where(jnp.isnan(x), nan, x), axis=axes, keepdims=True)
+  return lo, hi
 
 
 def _signed(q, zp, spec: QuantSpec):
@@ -198,11 +219,11 @@ def quantized_activation(x, site: Site, payload, act_spec):
   if static_act(payload):
     act_spec = payload.act_spec
     sx, zx = payload.act_scale, payload.act_zero_point
+    sx = poisoned(sx, x, site)
   else:
     sx, zx = activation_scale(x, site, act_spec)
   qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
                    act_spec)
-  sx = sx + nan_rows(x, site.act_contract)
   return qx, sx, None if zx is None else jnp.broadcast_to(zx, sx.shape), (
       act_spec)
 
@@ -220,26 +241,16 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   terms, dims = contraction(site, eqn.params)
   acc = accumulate(bind, qx, qw, dims, terms,
                    max_terms(payload.spec, act_spec))
-  out_ndim = eqn.outvars[0].aval.ndim
   if site.primitive == "conv_general_dilated":
-    sx_out, sw_out = _conv_scales(eqn, sx, payload.scale, out_ndim)
     if zx is not None:
       # sum of q_w over the window taps that fall inside the image (padding
       # contributes 0, not z_x): the same conv on a one-example tensor of 1s.
       shape = list(qx.shape)
       shape[eqn.params["dimension_numbers"][0][0]] = 1
-      ones = jnp.ones(shape, jnp.int8)
-      taps = eqn.primitive.bind(ones, qw, **params).astype(jnp.float32)
-      zx_out, _ = _conv_scales(eqn, zx, payload.scale, out_ndim)
-      acc = acc - zx_out * taps
-    out = (acc * sx_out * sw_out).astype(eqn.outvars[0].aval.dtype)
-    return no_grad_through(out, x)
-  to_x = lambda s: layout.to_output_layout(
-      s, site.act_contract, site.act_batch, w == 1,
-      qw.ndim - len(site.weight_contract) - len(site.weight_batch))
-  to_w = lambda s: layout.to_output_layout(
-      s, site.weight_contract, site.weight_batch, w == 0,
-      qx.ndim - len(site.act_contract) - len(site.act_batch))
+      taps = bind(jnp.ones(shape, jnp.int8), qw).astype(jnp.float32)
+      acc = acc - _conv_scales(eqn, zx, payload.scale)[0] * taps
+    return no_grad_through(_rescaled(eqn, site, acc, sx, payload.scale), x)
+  to_x, to_w = _output_layout(site, qx.ndim, qw.ndim)
   if zx is not None:
     colsum = jnp.sum(qw, site.weight_contract, jnp.int32, keepdims=True)
     acc = acc - to_x(zx) * to_w(colsum)
@@ -249,9 +260,55 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
     if zx is not None:
       k = layout.contracted_size(qx.shape, site.act_contract)
       acc = acc + k * to_x(zx) * to_w(zw)
-  out = (acc * to_x(sx) * to_w(payload.scale)).astype(
-      eqn.outvars[0].aval.dtype)
-  return no_grad_through(out, x)
+  return no_grad_through(_rescaled(eqn, site, acc, sx, payload.scale), x)
+
+
+def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
+               native: bool):
+  """An fp8 x fp8 -> float32 matmul, rescaled by s_x s_w.
+
+  With `native=False` the fp8 operands are upcast to float32 first: every
+  fp8 product is exact in float32, so both lowerings compute the same sums
+  (up to summation order).
+  """
+  if static_act(payload):
+    act_spec, sx = payload.act_spec, poisoned(payload.act_scale, x, site)
+  else:
+    sx, _ = activation_scale(x, site, act_spec)
+  qx = numerics.quantize_with_scale(x, sx, None, act_spec)
+  qw = payload.values
+  params = dict(eqn.params, preferred_element_type=jnp.float32)
+  if not native:
+    qx, qw = qx.astype(jnp.float32), qw.astype(jnp.float32)
+    if "precision" in params:  # no reduced-precision (TF32) float dots
+      params["precision"] = lax.Precision.HIGHEST
+  operands = (qw, qx) if site.weight_index == 0 else (qx, qw)
+  acc = eqn.primitive.bind(*operands, **params)
+  return no_grad_through(_rescaled(eqn, site, acc, sx, payload.scale), x)
+
+
+def _output_layout(site: Site, x_ndim: int, w_ndim: int):
+  """Functions moving keepdims activation / weight scales to the output."""
+  w = site.weight_index
+  to_x = lambda s: layout.to_output_layout(
+      s, site.act_contract, site.act_batch, w == 1,
+      w_ndim - len(site.weight_contract) - len(site.weight_batch))
+  to_w = lambda s: layout.to_output_layout(
+      s, site.weight_contract, site.weight_batch, w == 0,
+      x_ndim - len(site.act_contract) - len(site.act_batch))
+  return to_x, to_w
+
+
+def _rescaled(eqn, site: Site, acc, sx, sw):
+  """`acc * s_x * s_w` in the output layout and dtype."""
+  if site.primitive == "conv_general_dilated":
+    sx_out, sw_out = _conv_scales(eqn, sx, sw)
+    out = acc * sx_out * sw_out
+  else:
+    to_x, to_w = _output_layout(site, len(site.act_shape),
+                                len(site.weight_shape))
+    out = acc * to_x(sx) * to_w(sw)
+  return out.astype(eqn.outvars[0].aval.dtype)
 
 
 def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
@@ -291,8 +348,9 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
   return no_grad_through(out.astype(eqn.outvars[0].aval.dtype), x)
 
 
-def _conv_scales(eqn, sx, sw, out_ndim):
+def _conv_scales(eqn, sx, sw):
   lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+  out_ndim = eqn.outvars[0].aval.ndim
   x_shape = [1] * out_ndim
   x_shape[out_spec[0]] = sx.shape[lhs_spec[0]]
   w_shape = [1] * out_ndim

@@ -41,10 +41,10 @@ class QuantPayload:
   @classmethod
   def of(cls, q: QArray):
     if q.spec.granularity == "group":
-      return GroupPayload(q.int_values(), q.scale, q.zero_point, q.spec,
+      return GroupPayload(q.grid_values(), q.scale, q.zero_point, q.spec,
                           q.dtype, q.act_scale, q.act_zero_point, q.act_spec,
                           q.spec.group_axis)
-    return cls(q.int_values(), q.scale, q.zero_point, q.spec, q.dtype,
+    return cls(q.grid_values(), q.scale, q.zero_point, q.spec, q.dtype,
                q.act_scale, q.act_zero_point, q.act_spec)
 
   def materialize(self):
