@@ -28,9 +28,16 @@ def available() -> dict[str, bool]:
 
 
 def qwix_w8a8(model: nn.Module, params, x) -> tuple[Callable, object]:
+  return qwix_quantized(model, params, x, act=True)
+
+
+def qwix_quantized(model: nn.Module, params, x, *, act: bool
+                   ) -> tuple[Callable, object]:
+  """Qwix PTQ with int8 weights, and int8 activations if `act` (W8A8), else
+  float activations (W8A16)."""
   import qwix
   rules = [qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8,
-                                 act_qtype=jnp.int8)]
+                                 act_qtype=jnp.int8 if act else None)]
   ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
   abstract = jax.eval_shape(ptq.init, jax.random.key(0), x)["params"]
   qparams = qwix.quantize_params(params["params"], abstract)

@@ -17,9 +17,9 @@ Example:
   >>> import jax.numpy as jnp
   >>> from jaxquant import formats
   >>> formats.encode(jnp.array([0.3, -0.9]), "nf4").tolist()
-  [11, 1]
-  >>> formats.decode(jnp.array([11, 1], jnp.uint8), "nf4").tolist()
-  [0.33791524171829224, -0.6961928009986877]
+  [11, 0]
+  >>> formats.decode(jnp.array([11, 0], jnp.uint8), "nf4").tolist()
+  [0.33791524171829224, -1.0]
 """
 
 from __future__ import annotations

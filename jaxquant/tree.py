@@ -17,10 +17,11 @@ def is_qarray(x) -> bool:
 
 
 def key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+  """One path component: the key's plain name, with '~' written '~0' and
+  '/' written '~1' (JSON Pointer, RFC 6901), so `{'a/b': x}` and
+  `{'a': {'b': y}}` get different paths ('a~1b' and 'a/b')."""
+  name = jax.tree_util.keystr((key,), simple=True, separator="/")
+  return name.replace("~", "~0").replace("/", "~1")
 
 
 def path_str(keypath) -> str:
@@ -29,9 +30,22 @@ def path_str(keypath) -> str:
 
 
 def leaves_with_paths(tree) -> list[tuple[str, Any]]:
-  """(path, leaf) pairs; `QArray`s count as leaves."""
+  """(path, leaf) pairs; `QArray`s count as leaves. Paths are unique."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
-  return [(path_str(p), leaf) for p, leaf in flat]
+  out, seen = [], {}
+  for keypath, leaf in flat:
+    path = path_str(keypath)
+    if path in seen:  # keys that print alike, e.g. 1 and '1' in a custom node
+      raise ValueError(
+          f"{path}: two leaves share this path ({_keys(seen[path])} and "
+          f"{_keys(keypath)}); rename one of the keys")
+    seen[path] = keypath
+    out.append((path, leaf))
+  return out
+
+
+def _keys(keypath) -> str:
+  return jax.tree_util.keystr(tuple(keypath))
 
 
 def is_float_array(x) -> bool:
@@ -46,7 +60,12 @@ def quantize_tree(params, recipe: Recipe, *, key=None):
   from the model instead. Non-float leaves are left alone.
 
   Example:
-    >>> q = jq.quantize_tree(params, jq.Recipe([jq.Rule(".*kernel", jq.int8())]))
+    >>> params = {"dense": {"kernel": jnp.ones((16, 4)), "bias": jnp.zeros(4)}}
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8()),
+    ...                     jq.Rule(".*bias", weight=None)])
+    >>> q = jq.quantize_tree(params, recipe)
+    >>> q["dense"]["kernel"].scale.shape, q["dense"]["bias"].shape
+    ((1, 4), (4,))
   """
   paths = leaves_with_paths(params)
   floats = [p for p, leaf in paths if is_float_array(leaf)]
