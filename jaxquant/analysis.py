@@ -93,7 +93,7 @@ class _CompareHandler(Handler):
         site, quant, rule.act, eqn.params):
       approx = (engine.int8_matmul(eqn, site, x, quant, rule.act)
                 if quant.spec.format == "int" else engine.fp8_matmul(
-                    eqn, site, x, quant, rule.act, native=False))
+                    eqn, site, x, quant, rule.act))
     else:
       w = Tagged(FloatPayload(quant.materialize()), site.path,
                  invals[site.weight_index].axes)

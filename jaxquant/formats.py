@@ -8,8 +8,12 @@ A format maps a scaled value `v = x / s` to a stored code and back:
   nf4        code = argmin_i |v - NF4[i]|, 4-bit index       grid max 1
 
 The scale maps a block's absmax to the grid max, as for symmetric integers
-(`s = absmax / grid_max`). fp8 casts round to nearest even, so a stored
-code is exactly `astype(float8)` of the clipped scaled value. NF4 (QLoRA,
+(`s = absmax / grid_max`). fp8 codes are exactly `astype(float8)` of the
+clipped scaled value (round to nearest even). The rounding is done in
+float32 arithmetic first (`round_to_grid`: `lax.reduce_precision` for
+normal numbers, a fixed step below the smallest normal), so the grid holds
+even where a compiler removes a float32 -> fp8 -> float32 convert pair
+(seen under jit on XLA:GPU). NF4 (QLoRA,
 Dettmers et al. 2023) holds the 16 quantiles of a unit normal, normalised to
 [-1, 1] with an exact 0: suited to normally distributed weights, weight-only.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # QLoRA's NF4 code values (bitsandbytes' table), ascending.
 NF4 = np.array([
@@ -37,6 +42,8 @@ NF4 = np.array([
 _NF4_MIDPOINTS = (NF4[1:] + NF4[:-1]) / 2
 
 FP8 = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+# (mantissa bits, exponent of the smallest normal number) of each fp8 type.
+_FP8_BITS = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}
 FORMATS = ("int", *FP8, "nf4")
 
 
@@ -56,11 +63,25 @@ def storage_dtype(fmt: str):
   return FP8[fmt] if fmt in FP8 else jnp.uint8
 
 
+def round_to_grid(v, fmt: str):
+  """Scaled values `v` (float32) rounded to the fp8 grid, still float32.
+
+  Normal range: mantissa rounded to nearest even by `lax.reduce_precision`;
+  below the smallest normal 2^e the grid is uniform with step 2^(e - m).
+  """
+  mantissa, min_exp = _FP8_BITS[fmt]
+  top = grid_max(fmt)
+  v = jnp.clip(v, -top, top)
+  normal = lax.reduce_precision(v, exponent_bits=8, mantissa_bits=mantissa)
+  step = 2.0 ** (min_exp - mantissa)
+  subnormal = jnp.round(v / step) * step
+  return jnp.where(jnp.abs(v) < 2.0**min_exp, subnormal, normal)
+
+
 def encode(v, fmt: str):
   """Codes of scaled values `v` (NaN stays NaN in fp8; nf4 has no NaN)."""
   if fmt in FP8:
-    top = grid_max(fmt)
-    return jnp.clip(v, -top, top).astype(FP8[fmt])
+    return round_to_grid(v, fmt).astype(FP8[fmt])
   # Index of the nearest code value: how many midpoints lie below v.
   return jnp.sum(v[..., None] > _NF4_MIDPOINTS, axis=-1).astype(jnp.uint8)
 

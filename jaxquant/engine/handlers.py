@@ -233,11 +233,14 @@ class QuantizedHandler(Handler):
     static = "static activation scale" if static_act(payload) else ""
     x = value(invals[site.act_index])
     if payload.spec.format != "int":
-      native = lowering.fp8_native() and site.primitive == "dot_general"
-      reason = "; ".join(filter(None, [lowering.fp8_reason(native), static]))
+      reason = "; ".join(filter(None, [lowering.FP8_REASON, static]))
       self._record(eqn, invals, site, FP8, reason, act)
-      return [fp8_matmul(eqn, site, x, payload, rule.act, native)]
-    self._record(eqn, invals, site, INT8, static, act)
+      return [fp8_matmul(eqn, site, x, payload, rule.act)]
+    conv = site.primitive == "conv_general_dilated"
+    emulated = conv and not lowering.int8_conv_native()
+    reason = "; ".join(filter(None, [
+        static, lowering.INT8_CONV_EMULATED if emulated else ""]))
+    self._record(eqn, invals, site, INT8, reason, act)
     if isinstance(payload, GroupPayload):
       return [grouped_int8_matmul(eqn, site, x, payload, rule.act)]
     return [int8_matmul(eqn, site, x, payload, rule.act)]

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant import numerics
+from jaxquant.engine import lowering
 from jaxquant.engine.payloads import GroupPayload, QuantPayload
 from jaxquant.spec import QuantSpec
 from jaxquant.transform import layout
@@ -236,8 +237,15 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   params = dict(eqn.params, preferred_element_type=jnp.int32)
   if "precision" in params:
     params["precision"] = None
-  bind = lambda a, b: eqn.primitive.bind(*((b, a) if w == 0 else (a, b)),
-                                         **params)
+  if site.primitive == "conv_general_dilated" and not (
+      lowering.int8_conv_native()):
+    params.update(preferred_element_type=jnp.float32,
+                  precision=lax.Precision.HIGHEST)
+    bind = lambda a, b: eqn.primitive.bind(
+        a.astype(jnp.float32), b.astype(jnp.float32), **params)
+  else:
+    bind = lambda a, b: eqn.primitive.bind(
+        *((b, a) if w == 0 else (a, b)), **params)
   terms, dims = contraction(site, eqn.params)
   acc = accumulate(bind, qx, qw, dims, terms,
                    max_terms(payload.spec, act_spec))
@@ -263,25 +271,22 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   return no_grad_through(_rescaled(eqn, site, acc, sx, payload.scale), x)
 
 
-def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
-               native: bool):
-  """An fp8 x fp8 -> float32 matmul, rescaled by s_x s_w.
+def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
+  """An fp8 x fp8 matmul, rescaled by s_x s_w.
 
-  With `native=False` the fp8 operands are upcast to float32 first: every
-  fp8 product is exact in float32, so both lowerings compute the same sums
-  (up to summation order).
+  The fp8 operands are upcast to float32 (every fp8 product is exact in
+  float32) and multiplied at full float32 precision (no TF32): see
+  `lowering.FP8_REASON`.
   """
   if static_act(payload):
     act_spec, sx = payload.act_spec, poisoned(payload.act_scale, x, site)
   else:
     sx, _ = activation_scale(x, site, act_spec)
   qx = numerics.quantize_with_scale(x, sx, None, act_spec)
-  qw = payload.values
   params = dict(eqn.params, preferred_element_type=jnp.float32)
-  if not native:
-    qx, qw = qx.astype(jnp.float32), qw.astype(jnp.float32)
-    if "precision" in params:  # no reduced-precision (TF32) float dots
-      params["precision"] = lax.Precision.HIGHEST
+  if "precision" in params:
+    params["precision"] = lax.Precision.HIGHEST
+  qx, qw = qx.astype(jnp.float32), payload.values.astype(jnp.float32)
   operands = (qw, qx) if site.weight_index == 0 else (qx, qw)
   acc = eqn.primitive.bind(*operands, **params)
   return no_grad_through(_rescaled(eqn, site, acc, sx, payload.scale), x)

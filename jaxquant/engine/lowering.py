@@ -1,32 +1,30 @@
 """Which lowering a quantized matmul gets on the backend at hand.
 
 One place for backend- and shape-dependent choices, each with the reason
-`jq.report` shows.
+`jq.report` shows, and the measurement behind it.
 """
 
 from __future__ import annotations
 
 import jax
 
-# fp8 x fp8 -> f32 dots: NVIDIA GPUs from compute capability 8.9 (Ada,
-# Hopper) have fp8 tensor cores and XLA:GPU emits cuBLASLt fp8 GEMMs there.
-# Elsewhere (CPU, older GPUs, TPU until measured) the same numbers are
-# computed with fp8-rounded operands upcast to float32.
-_FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+
+def int8_conv_native(backend: str | None = None) -> bool:
+  """Whether `conv(s8, s8) -> s32` compiles here.
+
+  XLA:GPU lowers integer convolutions to cuDNN, which rejects s32 outputs
+  ("Can't lower one or more integer convolutions", H100, jax 0.11.2): there
+  the int8 values are convolved in float32 (exact while partial sums stay
+  below 2^24, within float32 rounding beyond).
+  """
+  return (backend or jax.default_backend()) != "gpu"
 
 
-def fp8_native(backend: str | None = None) -> bool:
-  """Whether this backend runs fp8 x fp8 dots natively."""
-  backend = backend or jax.default_backend()
-  if backend != "gpu":
-    return False
-  capability = getattr(jax.devices("gpu")[0], "compute_capability", "0.0")
-  major, minor = (int(p) for p in str(capability).split(".")[:2])
-  return (major, minor) >= _FP8_MIN_COMPUTE_CAPABILITY
+INT8_CONV_EMULATED = ("int8 values in a float32 conv (XLA:GPU has no "
+                      "s8 x s8 -> s32 convolution)")
 
-
-def fp8_reason(native: bool) -> str:
-  if native:
-    return "fp8 x fp8 dot, float32 accumulation"
-  return (f"fp8 emulated on {jax.default_backend()}: fp8-rounded operands, "
-          "float32 dot")
+# fp8 x fp8 dots always get fp8-rounded operands upcast to float32. Binding
+# dot_general on float8 operands directly (preferred float32) gave results
+# off by up to 0.2 (outputs ~0.5) on an H100 with jax 0.11.2, where the
+# upcast form matched the fake-quant reference: never the fast-but-wrong one.
+FP8_REASON = "fp8-rounded operands, float32 dot"
