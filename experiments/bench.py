@@ -6,15 +6,19 @@ of the per-round ratio to the float baseline. Also reports a QAT step, the
 raw s8 dot floor, tracing + compile time and, with `--peers`, Qwix and AQT
 on the same model and inputs.
 
-  python -m experiments.bench [--quick] [--peers] [--rounds N] [--out DIR]
+  python -m experiments.bench [--quick] [--out DIR] [--seed S] [--peers]
+                              [--rounds N]
+
+Writes results.md (the ratio table) and results.json (the rows, the device,
+the rounds and, per model, `jq.int8_ops` of the jaxquant W8A8 function: its
+int8 matmuls before and after XLA's optimisations) to results/bench/ (or
+--out). --quick (CI): every size / 4, 3 rounds of 3 calls.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -25,6 +29,7 @@ import optax
 import jaxquant as jq
 from experiments import common, peers
 
+NAME = "bench"
 W8A8 = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8())])
 
 
@@ -51,23 +56,16 @@ class Block(nn.Module):
     return x + nn.Dense(self.d_model)(nn.gelu(nn.Dense(self.d_ff)(h)))
 
 
-def compare(variants: dict, rounds: int, calls: int) -> dict:
-  """Median over rounds of (variant time / 'float' time) in the same round."""
-  for fn, args in variants.values():
-    jax.block_until_ready(fn(*args))  # compile
-  ratios = {name: [] for name in variants}
-  for _ in range(rounds):
-    base = common.median_seconds(*variants["float"], calls)
-    for name, (fn, args) in variants.items():
-      ratios[name].append(common.median_seconds(fn, args, calls) / base)
-  return {name: statistics.median(r) for name, r in ratios.items()}
+def compare(variants: dict, rounds: int, calls: int, seed: int = 0) -> dict:
+  """Median over rounds of (variant time / 'float' time) in the same round
+  (`common.time_rounds`)."""
+  return common.median_ratios(common.time_rounds(variants, rounds, calls,
+                                                 seed=seed))
 
 
 def compile_seconds(fn, *args) -> float:
   wrapped = lambda *a: fn(*a)  # a new function object: no cache hit
-  start = time.perf_counter()
-  jax.jit(wrapped).lower(*args).compile()
-  return time.perf_counter() - start
+  return common.seconds(lambda: jax.jit(wrapped).lower(*args).compile())
 
 
 def compile_ratio(fn, args, base_fn, base_args, rounds: int) -> float:
@@ -77,22 +75,24 @@ def compile_ratio(fn, args, base_fn, base_args, rounds: int) -> float:
       for _ in range(rounds))
 
 
-def bench_model(name, model, x, rounds, calls, with_peers=False):
-  """Inference: jaxquant W8A8 (and Qwix / AQT) time over float time."""
-  params = model.init(jax.random.key(0), x)
+def bench_model(name, model, x, rounds, calls, with_peers=False, seed=0):
+  """Inference: jaxquant W8A8 (and Qwix / AQT) time over float time.
+
+  Returns (row, `jq.int8_ops` of the jaxquant function)."""
+  params = model.init(jax.random.key(seed), x)
   qparams = jq.quantize_params(model.apply, params, W8A8, x)
   qapply = jq.quantized_apply(model.apply, W8A8)
   variants = {"float": (jax.jit(model.apply), (params, x)),
               "jaxquant": (jax.jit(qapply), (qparams, x))}
   if with_peers:
     variants.update(_peer_variants(model, params, x))
-  ratios = compare(variants, rounds, calls)
+  ratios = compare(variants, rounds, calls, seed)
   row = {"model": name, "task": "W8A8 inference"}
   row.update({f"{k} / float": round(v, 3) for k, v in ratios.items()
               if k != "float"})
   row["compile jaxquant / float"] = round(compile_ratio(
       qapply, (qparams, x), model.apply, (params, x), max(1, rounds // 3)), 2)
-  return row
+  return row, jq.int8_ops(variants["jaxquant"][0], qparams, x)
 
 
 def _peer_variants(model, params, x):
@@ -107,9 +107,9 @@ def _peer_variants(model, params, x):
   return out
 
 
-def bench_qat(name, model, x, rounds, calls, with_peers=False):
+def bench_qat(name, model, x, rounds, calls, with_peers=False, seed=0):
   """One SGD step with fake-quant (W8A8) over one float step."""
-  params = model.init(jax.random.key(0), x)
+  params = model.init(jax.random.key(seed), x)
 
   def step_of(apply_fn):
     def loss(p):
@@ -126,67 +126,80 @@ def bench_qat(name, model, x, rounds, calls, with_peers=False):
   if with_peers and peers.available()["aqt"] and isinstance(model, MLP):
     fn, p = peers.aqt_w8a8(model.hidden, 2, params, x)
     variants["aqt"] = (step_of(fn), (p,))
-  ratios = compare(variants, rounds, calls)
+  ratios = compare(variants, rounds, calls, seed)
   row = {"model": name, "task": "QAT step"}
   row.update({f"{k} / float": round(v, 3) for k, v in ratios.items()
               if k != "float"})
   return row
 
 
-def raw_dot_floor(m, k, n, rounds, calls):
+def raw_dot_floor(m, k, n, rounds, calls, seed=0):
   """An s8 x s8 -> s32 dot against the f32 dot of the same shape."""
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   xf = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
   wf = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
   xi, wi = xf.astype(jnp.int8), wf.astype(jnp.int8)
   dot = lambda a, b, t: jax.lax.dot(a, b, preferred_element_type=t)
   variants = {"float": (jax.jit(lambda a, b: dot(a, b, jnp.float32)), (xf, wf)),
               "s8": (jax.jit(lambda a, b: dot(a, b, jnp.int32)), (xi, wi))}
-  return compare(variants, rounds, calls)["s8"]
+  return compare(variants, rounds, calls, seed)["s8"]
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--peers", action="store_true",
-                      help="also time Qwix and AQT (pip install qwix aqtp)")
-  parser.add_argument("--rounds", type=int, default=15)
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
+COLUMNS = ["model", "task", "jaxquant / float", "qwix / float",
+           "aqt / float", "compile jaxquant / float"]
+
+
+def run(args) -> dict:
   rounds, calls = (3, 3) if args.quick else (args.rounds, 5)
   shrink = 4 if args.quick else 1
+  seed = args.seed
   mlp = MLP(1024 // shrink)
   mlp_x = jnp.ones((256 // shrink, 784))
   block = Block(512 // shrink, 8, 2048 // shrink)
-  block_x = jax.random.normal(jax.random.key(0), (8 // shrink, 128 // shrink,
-                                                  512 // shrink))
+  block_x = jax.random.normal(jax.random.key(seed), (8 // shrink,
+                                                     128 // shrink,
+                                                     512 // shrink))
   mlp_name = "MLP 784-1024-1024-10, batch 256"
   block_name = "Transformer block d512 ff2048 seq128 batch8"
   if args.quick:
     mlp_name, block_name = mlp_name + " (quick: /4)", block_name + " (quick: /4)"
-  rows = []
-  for task in common.progress([
-      lambda: bench_model(mlp_name, mlp, mlp_x, rounds, calls, args.peers),
-      lambda: bench_model(block_name, block, block_x, rounds, calls,
-                          args.peers),
-      lambda: bench_qat(mlp_name, mlp, mlp_x, rounds, calls, args.peers),
-      lambda: bench_qat(block_name, block, block_x, rounds, calls)],
-                              "benchmarks"):
-    rows.append(task())
+  rows, int8_ops = [], {}
+  for kind, name, model, x in common.progress([
+      ("inference", mlp_name, mlp, mlp_x),
+      ("inference", block_name, block, block_x),
+      ("qat", mlp_name, mlp, mlp_x),
+      ("qat", block_name, block, block_x)], "benchmarks"):
+    if kind == "inference":
+      row, int8_ops[name] = bench_model(name, model, x, rounds, calls,
+                                        args.peers, seed)
+    else:
+      row = bench_qat(name, model, x, rounds, calls, args.peers, seed)
+    rows.append(row)
   m, k, n = 256 // shrink, 1024 // shrink, 1024 // shrink
   rows.append({"model": f"raw dot {m}x{k}x{n}", "task": "s8 x s8 -> s32",
-               "jaxquant / float": round(raw_dot_floor(m, k, n, rounds, calls),
-                                         3)})
-  out = common.results_dir("bench", args.out)
-  columns = ["model", "task", "jaxquant / float", "qwix / float",
-             "aqt / float", "compile jaxquant / float"]
-  rows = [{c: row.get(c, "") for c in columns} for row in rows]
-  common.write_table(rows, out / "results.md")
-  common.write_json({"device": jax.devices()[0].device_kind,
-                     "cpu_count": os.cpu_count(), "rounds": rounds,
-                     "rows": rows}, out / "results.json")
-  print((out / "results.md").read_text())
-  return rows
+               "jaxquant / float": round(raw_dot_floor(m, k, n, rounds, calls,
+                                                       seed), 3)})
+  rows = [{c: row.get(c, "") for c in COLUMNS} for row in rows]
+  return {"device": jax.devices()[0].device_kind,
+          "cpu_count": os.cpu_count(), "rounds": rounds, "rows": rows,
+          "int8_ops": {name: ops._asdict() for name, ops in int8_ops.items()}}
+
+
+def markdown(report) -> str:
+  return common.format_table(report["rows"])
+
+
+def parser():
+  p = common.parser(__doc__, NAME, quick="every size / 4, 3 rounds (CI)")
+  p.add_argument("--peers", action="store_true",
+                 help="also time Qwix and AQT (pip install qwix aqtp)")
+  p.add_argument("--rounds", type=int, default=15,
+                 help="timing rounds (default 15; quick 3)")
+  return p
+
+
+def main(argv=None):
+  return common.main(NAME, parser, run, markdown, None, argv)
 
 
 if __name__ == "__main__":

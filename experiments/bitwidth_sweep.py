@@ -10,6 +10,7 @@ of three weight sets, at 2..8 bits:
                drawn log-uniformly over two decades, 10^U(-1, 1)
   digits-mlp   the three Dense kernels (64x128, 128x128, 128x10) of the
                `experiments.demo` MLP trained on scikit-learn's digits
+               (`experiments.data.load_digits_split`)
 
 Granularities: one scale per tensor, per output channel, per group of 32 or
 128 inputs (a kernel with fewer inputs than the group uses one group per
@@ -38,15 +39,16 @@ few XLA compilations.
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 
 import numpy as np
 
 import jaxquant as jq
-from experiments import common
+from experiments import common, demo
+from experiments.data import load_digits_split
 from jaxquant import observers
+
+NAME = "bitwidth_sweep"
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 GRANULARITIES = ("tensor", "channel", "group32", "group128")
@@ -70,10 +72,9 @@ def heavy_weights(rng, shape):
 def mlp_weights(seed: int, epochs: int):
   """Kernels of the demo MLP trained on digits for `epochs` epochs, and its
   test accuracy."""
-  from experiments import demo
-  x_train, y_train, x_test, y_test = demo.digits(seed)
+  x_train, y_train, x_test, y_test = load_digits_split(seed)
   model = demo.MLP()
-  params = demo.train(model, x_train, y_train, epochs=epochs, seed=seed)
+  params = demo.fit(model, x_train, y_train, epochs=epochs, seed=seed)
   acc = demo.accuracy(model.apply, params, x_test, y_test)
   layers = params["params"]
   kernels = [np.asarray(layers[name]["kernel"]) for name in sorted(layers)]
@@ -141,7 +142,16 @@ def theory_db(bits, crest):
 # ------------------------------------------------------------------- main
 
 
-def run(quick: bool, seed: int):
+def run(args) -> dict:
+  quick, seed = args.quick, args.seed
+  timer = common.Timer()
+  with timer("run"):
+    report = sweep(quick, seed)
+  report["config"]["seconds"] = timer.wall["run"]
+  return report
+
+
+def sweep(quick: bool, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   shape = (128, 128) if quick else (512, 512)
   epochs = 3 if quick else 20
@@ -224,22 +234,10 @@ def plot(report, path):
   common.save_figure(fig, path)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="small tensors and short training (CI)")
-  parser.add_argument("--out", default=None,
-                      help="output folder (default results/bitwidth_sweep)")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-
-  start = time.perf_counter()
-  report = run(args.quick, args.seed)
-  report["config"]["seconds"] = time.perf_counter() - start
-  out = common.results_dir("bitwidth_sweep", args.out)
+def markdown(report) -> str:
   measured, theory = tables(report)
   cfg = report["config"]
-  text = (f"# SQNR (dB) vs bits\n\n"
+  return (f"# SQNR (dB) vs bits\n\n"
           f"Symmetric signed quantization; clip ranges from "
           f"`jaxquant.observers` (percentile {cfg['percentile']}, MSE over "
           f"{cfg['mse_candidates']} candidates). Random tensors "
@@ -251,9 +249,19 @@ def main(argv=None):
           f"{cfg['seconds']:.1f} s.\n\n## Measured\n\n{measured}\n"
           f"## Theory (absmax clip): 10 log10(12 qmax^2) - 20 log10(crest)"
           f"\n\n{theory}")
-  common.publish(out, text, report,
-                 {"sqnr_vs_bits.png": lambda path: plot(report, path)})
-  return report
+
+
+def figures(report) -> dict:
+  return {"sqnr_vs_bits.png": lambda path: plot(report, path)}
+
+
+def parser():
+  return common.parser(__doc__, NAME,
+                       quick="small tensors and short training (CI)")
+
+
+def main(argv=None):
+  return common.main(NAME, parser, run, markdown, figures, argv)
 
 
 if __name__ == "__main__":

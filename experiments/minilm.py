@@ -1,6 +1,7 @@
 """all-MiniLM-L6-v2 sentence embeddings: float against W8A8, W4A16 and W8A16.
 
-  python -m experiments.minilm [--quick] [--out DIR] [--rounds N] [--repeats N]
+  python -m experiments.minilm [--quick] [--out DIR] [--seed S] [--rounds N]
+                               [--repeats N]
 
 Variants (every `nn.Dense` kernel; embeddings, LayerNorms and biases stay
 float; the two attention einsums per layer have no parameter operand and
@@ -23,9 +24,9 @@ Metrics:
   - cosine similarity of each sentence's embedding to the float embedding,
     over sentences of gensim's Lee news corpus (mean and min);
   - embeddings per second on this machine's CPU: one fixed batch of Lee
-    sentences, variants interleaved in rounds (rotating the order), each
-    timed as the median of a few calls; the speed-up is the median over
-    rounds of float time / variant time in the same round. CPU speed and
+    sentences, variants interleaved in rounds (`common.time_rounds`: a
+    fresh random order per round), each timed as the median of a few
+    calls; the speed-up is the median over rounds of float time / variant time in the same round. CPU speed and
     XLA's int8 kernels vary between machines: compare ratios, not absolutes;
   - parameter bytes (`jq.nbytes`, all parameters, and the Dense kernels
     alone) and `jq.report`'s count of matmuls that ran int8 / weight-only /
@@ -35,17 +36,16 @@ Writes results.md, results.json and minilm.png to results/minilm/ (or
 --out) and prints the table. The full run uses all 353 + 999 pairs, 512
 sentences, 7 timing rounds and 8 noise-floor repeats (about 2 min on 2
 idle cores); --quick (CI, about 20 s) 60 pairs per word set, 32
-sentences, one timing round and no repeats.
+sentences, one timing round and no repeats. --seed (default 0) seeds the
+noise-floor perturbations and the timing order.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,7 @@ import jaxquant as jq
 from experiments import common, data
 from experiments.minilm_model import load_minilm
 
+NAME = "minilm"
 GROUP_SIZE = 32  # divides 384 (hidden) and 1536 (intermediate)
 RECIPES = {
     "float": None,
@@ -176,28 +177,12 @@ def word_spearman(emb: dict, pairs) -> float:
   return spearman(cosine, [score for *_, score in pairs])
 
 
-def time_call(fn, params, batch, calls: int) -> float:
-  times = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(params, *batch))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def timing(variants, batch, rounds: int, calls: int):
-  """Seconds per batch per round, the order of variants rotating per round."""
-  names = list(variants)
-  for name in names:  # compile and warm up
-    fn, params, _ = variants[name]
-    jax.block_until_ready(fn(params, *batch))
-  seconds = {name: [] for name in names}
-  for r in common.progress(range(rounds), desc="timing rounds"):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for name in order:
-      fn, params, _ = variants[name]
-      seconds[name].append(time_call(fn, params, batch, calls))
-  return seconds
+def timing(variants, batch, rounds: int, calls: int, seed: int = 0):
+  """Seconds per batch per round (`common.time_rounds`: every variant once
+  per round, in a fresh random order)."""
+  return common.time_rounds(
+      {name: (fn, (params, *batch)) for name, (fn, params, _) in
+       variants.items()}, rounds, calls, seed=seed, desc="timing rounds")
 
 
 def with_perturbed_embeddings(params, eps: float, seed: int):
@@ -210,7 +195,8 @@ def with_perturbed_embeddings(params, eps: float, seed: int):
 
 
 def spearman_noise_floor(variants, names, words, word_batches, pairs,
-                         repeats: int, eps: float = JITTER_EPS) -> dict:
+                         repeats: int, eps: float = JITTER_EPS,
+                         seed: int = 0) -> dict:
   """Spearman rho per word set after `repeats` tiny input perturbations.
 
   Dynamic activation quantization is chaotic: a 1e-7 relative change of
@@ -222,11 +208,12 @@ def spearman_noise_floor(variants, names, words, word_batches, pairs,
   of the 'd vs float' columns.
   """
   out = {name: {s: [] for s in WORD_SETS} for name in names}
-  for seed in common.progress(range(repeats), desc="noise floor"):
+  for key in common.progress(range(seed, seed + repeats),
+                             desc="noise floor"):
     for name in names:
       fn, params, _ = variants[name]
       emb = dict(zip(words, embed(fn, with_perturbed_embeddings(
-          params, eps, seed), word_batches, len(words))))
+          params, eps, key), word_batches, len(words))))
       for s in WORD_SETS:
         out[name][s].append(word_spearman(emb, pairs[s]))
   return out
@@ -235,7 +222,25 @@ def spearman_noise_floor(variants, names, words, word_batches, pairs,
 # ------------------------------------------------------------------ main
 
 
-def run(quick: bool, rounds: int, calls: int, repeats: int):
+def run(args) -> dict:
+  """{"setup", "note", "results": variant -> metrics}: results.json."""
+  rounds = args.rounds or (1 if args.quick else 7)
+  repeats = args.repeats if args.repeats is not None else (
+      0 if args.quick else 8)
+  calls = 2 if args.quick else 5
+  timer = common.Timer()
+  with timer("run"):
+    results, setup = evaluate(args.quick, rounds, calls, repeats, args.seed)
+  setup["wall_seconds"] = timer.wall["run"]
+  note = SPEED_NOTE.format(cpu=setup["cpu"], cores=setup["cpu_count"],
+                           batch=setup["speed_batch_shape"][0],
+                           length=setup["speed_batch_shape"][1],
+                           load=setup["load_average_1min"])
+  return {"setup": setup, "note": note, "results": results}
+
+
+def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
+             seed: int = 0):
   module, variables, tokenizer = load_minilm()
   pairs = word_pairs(60 if quick else None)
   sentences = lee_sentences(32 if quick else 512)
@@ -254,10 +259,10 @@ def run(quick: bool, rounds: int, calls: int, repeats: int):
                                            len(words))))
     sent_emb[name] = embed(fn, params, sentence_batches, len(sentences))
 
-  seconds = timing(variants, speed_batch, rounds, calls)
+  seconds = timing(variants, speed_batch, rounds, calls, seed)
   load = os.getloadavg()[0]
   floor = spearman_noise_floor(variants, ("float", "W8A8"), words,
-                               word_batches, pairs, repeats)
+                               word_batches, pairs, repeats, seed=seed)
   n_batch = speed_batch[0].shape[0]
 
   ref = sent_emb["float"]
@@ -287,7 +292,7 @@ def run(quick: bool, rounds: int, calls: int, repeats: int):
         s: results[name]["spearman"][s] - results["float"]["spearman"][s]
         for s in WORD_SETS}
   setup = {
-      "quick": quick, "rounds": rounds, "calls_per_round": calls,
+      "quick": quick, "seed": seed, "rounds": rounds, "calls_per_round": calls,
       "word_pairs": {s: len(p) for s, p in pairs.items()},
       "unique_words": len(words), "sentences": len(sentences),
       "speed_batch_shape": list(speed_batch[0].shape),
@@ -375,53 +380,42 @@ def plot(results, path) -> None:
   common.save_figure(fig, path)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="CI size: 60 pairs per set, 32 sentences, 1 round")
-  parser.add_argument("--out", default=None, help="output directory")
-  parser.add_argument("--rounds", type=int, default=None,
-                      help="timing rounds (default 1 quick, 7 full)")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="perturbed re-runs for the Spearman noise floor "
-                      "(default 0 quick, 8 full)")
-  args = parser.parse_args(argv)
-  rounds = args.rounds or (1 if args.quick else 7)
-  repeats = args.repeats if args.repeats is not None else (
-      0 if args.quick else 8)
-  calls = 2 if args.quick else 5
-  out = common.results_dir("minilm", args.out)
-
-  start = time.perf_counter()
-  results, setup = run(args.quick, rounds, calls, repeats)
-  setup["wall_seconds"] = time.perf_counter() - start
-
-  note = SPEED_NOTE.format(cpu=setup["cpu"], cores=setup["cpu_count"],
-                           batch=setup["speed_batch_shape"][0],
-                           length=setup["speed_batch_shape"][1],
-                           load=setup["load_average_1min"])
+def markdown(report) -> str:
+  results, setup = report["results"], report["setup"]
   pairs = setup["word_pairs"]
   title = (f"all-MiniLM-L6-v2: float vs W8A8 / W4A16 (g{GROUP_SIZE}) / W8A16"
-           f"{' (quick)' if args.quick else ''}")
-  text = common.write_table(table_rows(results), out / "results.md", title)
+           f"{' (quick)' if setup['quick'] else ''}")
   details = (
       f"\nWord pairs: WordSim353 {pairs['wordsim353']}, SimLex-999 "
       f"{pairs['simlex999']}; {setup['sentences']} Lee corpus sentences; "
-      f"{rounds} timing round(s) of {calls} calls.\n{note}\n"
+      f"{setup['rounds']} timing round(s) of {setup['calls_per_round']} "
+      f"calls.\n{report['note']}\n"
       "Param MB counts all parameters (the float word embeddings are 46.9 "
       "MB of them); Dense kernel MB counts the 36 quantized matmul weights "
       "with their scales. The 12 float matmuls of the quantized variants are "
       "the attention einsums (no parameter operand).\n"
-      + speed_spread(results) + noise_floor_text(results, repeats))
-  with open(out / "results.md", "a") as f:
-    f.write(details)
-  common.write_json({"setup": setup, "note": note, "results": results},
-                    out / "results.json")
-  plot(results, out / "minilm.png")
-  print(text + details)
-  print(f"wrote {out}/results.md, results.json, minilm.png "
-        f"({setup['wall_seconds']:.0f} s)")
-  return results
+      + speed_spread(results)
+      + noise_floor_text(results, setup["noise_floor_repeats"]))
+  return f"# {title}\n\n{common.format_table(table_rows(results))}{details}"
+
+
+def figures(report) -> dict:
+  return {"minilm.png": lambda path: plot(report["results"], path)}
+
+
+def parser():
+  p = common.parser(__doc__, NAME, quick="CI size: 60 pairs per set, 32 "
+                    "sentences, 1 timing round, no noise-floor repeats")
+  p.add_argument("--rounds", type=int, default=None,
+                 help="timing rounds (default 1 quick, 7 full)")
+  p.add_argument("--repeats", type=int, default=None,
+                 help="perturbed re-runs for the Spearman noise floor "
+                 "(default 0 quick, 8 full)")
+  return p
+
+
+def main(argv=None):
+  return common.main(NAME, parser, run, markdown, figures, argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ storage plus scales plus the float biases) and latency relative to float
 process with every variant interleaved in rounds; median over rounds of the
 per-round ratio). Variants that run the same computation (same weight
 spec, static or dynamic activations; e.g. PTQ minmax and mse) share one
-timing. Outputs in results/mnist/ (or --out): results.md, results.json,
+timing, and `jq.int8_ops` counts each one's int8 matmuls before and after
+XLA's optimisations (results.json, `int8_ops`). Training is
+`common.train` (Adam as a learning-rate-free direction, the cosine rate
+evaluated on the host), batches from `common.shuffled_batches` with the
+epoch remainder carried over. Outputs in results/mnist/ (or --out): results.md, results.json,
 pareto.png (accuracy vs bytes, log x) and calibration.png (dynamic vs
 min/max vs MSE activation scales per weight setting); the full run also
 writes a per-layer report (`jq.layer_report`) of the 2- and 4-bit PTQ
@@ -49,11 +53,8 @@ variants, QAT and QAFT at 4 bits only, 2 timing rounds of one call.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -65,6 +66,7 @@ import jaxquant as jq
 from experiments import common
 from experiments.data import load_mnist
 
+NAME = "mnist"
 BATCH = 128            # training batch (QUICK_BATCH with --quick)
 QUICK_BATCH = 32
 EVAL_BATCH = 256       # evaluation and timing batch (one compiled shape)
@@ -99,67 +101,40 @@ def recipe(bits: int, granularity: str = "channel") -> jq.Recipe:
                             act=jq.int8())])
 
 
-def _tty() -> bool:
-  return sys.stderr.isatty()
-
-
 # ------------------------------------------------------------------ training
 
 
-class Trainer:
-  """Adam with a cosine learning rate; one jitted step per apply function.
+# A learning-rate-free direction: the cosine schedule is evaluated on the host
+# and passed to the compiled step, so a new schedule never recompiles it.
+ADAM = optax.chain(optax.scale_by_adam(), optax.scale(-1.0))
 
-  The learning rate is an argument of the step, so a schedule, a peak rate
-  or a length change never recompiles it.
-  """
+
+class Trainer:
+  """`common.train` with Adam and a cosine learning rate, one compiled step
+  per key (QAT and QAFT of one bit width share theirs)."""
 
   def __init__(self, batch: int = BATCH):
     self.batch = batch
     self._steps = {}
-    self.tx = optax.scale_by_adam()
 
-  def step_fn(self, key, apply_fn):
-    if key not in self._steps:
-      tx = self.tx
-
-      @jax.jit
-      def step(params, state, xb, yb, lr):
-        def loss_fn(p):
-          logits = apply_fn(p, xb)
-          return optax.softmax_cross_entropy_with_integer_labels(
-              logits, yb).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = tx.update(grads, state, params)
-        params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params,
-                                        updates)
-        return params, state, loss
-
-      self._steps[key] = step
-    return self._steps[key]
-
-  def train(self, key, apply_fn, params, x, y, *, epochs: float, lr: float,
-            seed: int, desc: str):
+  def fit(self, key, apply_fn, params, x, y, *, epochs: float, lr: float,
+          seed: int, desc: str):
     """`epochs` may be fractional. Returns (params, info)."""
-    step = self.step_fn(key, apply_fn)
-    batch = self.batch
-    per_epoch = len(x) // batch
+    if key not in self._steps:
+      self._steps[key] = common.train_step(apply_fn, ADAM, with_lr=True)
+    per_epoch = len(x) // self.batch
     total = max(1, round(epochs * per_epoch))
-    state = self.tx.init(params)
-    rng = np.random.default_rng(seed)
-    order = np.empty(0, np.int64)
-    start, losses = time.perf_counter(), []
-    for t in common.progress(range(total), desc=desc):
-      if len(order) < batch:
-        order = np.concatenate([order, rng.permutation(len(x))])
-      idx, order = order[:batch], order[batch:]
-      rate = lr * 0.5 * (1 + math.cos(math.pi * t / total))
-      params, state, loss = step(params, state, x[idx], y[idx],
-                                 jnp.float32(rate))
-      losses.append(loss)
-    jax.block_until_ready(params)
-    tail = [float(l) for l in losses[-max(1, per_epoch // 10):]]
+    timer = common.Timer()
+    with timer(desc):
+      params, losses = common.train(
+          apply_fn, params, common.shuffled_batches(
+              x, y, self.batch, seed, carry_over=True),
+          tx=ADAM, steps=total, step=self._steps[key], desc=desc,
+          lr=lambda t: lr * 0.5 * (1 + math.cos(math.pi * t / total)))
+      jax.block_until_ready(params)
+    tail = losses[-max(1, per_epoch // 10):]
     return params, {"steps": total, "epochs": total / per_epoch,
-                    "seconds": time.perf_counter() - start,
+                    "seconds": timer.wall[desc],
                     "final_loss": statistics.mean(tail)}
 
 
@@ -187,24 +162,15 @@ def accuracy(fn, params, x, y) -> float:
 def latency(variants: dict, rounds: int, calls: int, seed: int = 0):
   """Median over rounds of variant time / float time in the same round.
 
-  `variants`: name -> (fn, args), including "float". Each round times every
-  variant once (median of `calls` calls) in a fresh random order, and float
-  a second time ("float again"): its ratio to float measures the noise of
-  the machine (ideally 1). Returns (ratios, float seconds per call, median
-  over rounds).
+  `variants`: name -> (fn, args), including "float". Timed by
+  `common.time_rounds` (every variant once per round, median of `calls`
+  calls, in a fresh random order), float a second time ("float again"):
+  its ratio to float measures the noise of the machine (ideally 1).
+  Returns (ratios, float seconds per call, median over rounds).
   """
   variants = dict(variants, **{"float again": variants["float"]})
-  for fn, args in variants.values():
-    jax.block_until_ready(fn(*args))  # compiled already; warm caches
-  names = list(variants)
-  times = {name: [] for name in names}
-  rng = np.random.default_rng(seed)
-  for _ in common.progress(range(rounds), desc="timing"):
-    for i in rng.permutation(len(names)):
-      times[names[i]].append(common.median_seconds(*variants[names[i]], calls))
-  ratios = {name: statistics.median(t / b for t, b in zip(ts, times["float"]))
-            for name, ts in times.items()}
-  return ratios, statistics.median(times["float"])
+  times = common.time_rounds(variants, rounds, calls, seed=seed)
+  return common.median_ratios(times), statistics.median(times["float"])
 
 
 # ------------------------------------------------------------------ experiment
@@ -221,9 +187,17 @@ def ptq_grid(quick: bool):
           for calib in ("minmax", "mse", "dynamic")]
 
 
-def run(quick: bool, epochs: float, seed: int) -> dict:
-  t_start = time.perf_counter()
-  phase = {}
+def run(args) -> dict:
+  epochs = args.epochs if args.epochs is not None else (1 if args.quick
+                                                          else 3)
+  timer = common.Timer()
+  with timer("total"):
+    report = experiment(args.quick, epochs, args.seed, timer)
+  report["seconds"] = timer.wall
+  return report
+
+
+def experiment(quick: bool, epochs: float, seed: int, timer) -> dict:
   data = load_mnist()
   x_train, y_train = data["train"]
   x_test, y_test = data["test"]
@@ -231,8 +205,8 @@ def run(quick: bool, epochs: float, seed: int) -> dict:
     pick = np.random.default_rng(seed).permutation(len(x_train))[:5000]
     x_train, y_train = x_train[np.sort(pick)], y_train[np.sort(pick)]
     x_test, y_test = x_test[:2000], y_test[:2000]
-  print(f"MNIST: {len(x_train)} train / {len(x_test)} test images, "
-        f"{epochs:g} epoch(s), seed {seed}", flush=True)
+  common.log(f"MNIST: {len(x_train)} train / {len(x_test)} test images, "
+             f"{epochs:g} epoch(s), seed {seed}")
 
   model = CNN()
   init = model.init(jax.random.key(seed), x_train[:1])
@@ -262,40 +236,37 @@ def run(quick: bool, epochs: float, seed: int) -> dict:
            "bytes": jq.nbytes(params_tree), "exec": exec_key}
     row.update(extra or {})
     rows.append(row)
-    print(f"  {name:<28} accuracy {acc:.4f}  bytes {row['bytes']:>9,}",
-          flush=True)
+    common.log(f"  {name:<28} accuracy {acc:.4f}  bytes {row['bytes']:>9,}")
     return row
 
   # -- float
-  print("training float", flush=True)
-  params, info = trainer.train("float", model.apply, init, x_train, y_train,
-                               epochs=epochs, lr=LR, seed=seed,
-                               desc="float")
-  phase["train float"] = info["seconds"]
+  common.log("training float")
+  with timer("train float"):
+    params, info = trainer.fit("float", model.apply, init, x_train,
+                                 y_train, epochs=epochs, lr=LR, seed=seed,
+                                 desc="float")
   float_row = add("float32", "float", None, None, None,
                   accuracy(float_apply, params, x_test, y_test), params,
                   {"train": info})
 
   # -- PTQ: one calibration per observer, shared by every weight setting
   # (activations are observed on the float model; every recipe uses int8).
-  t = time.perf_counter()
   calib_x = x_train[np.random.default_rng(seed + 1).permutation(
       len(x_train))[:CALIB_BATCHES * BATCH]]
   batches = [calib_x[i * BATCH:(i + 1) * BATCH]
              for i in range(CALIB_BATCHES)]
   grid = ptq_grid(quick)
-  stats = {obs: jq.calibrate(model.apply, params, recipe(8), batches,
-                             observer=obs, progress=_tty())
-           for obs in sorted({c for _, _, c in grid} - {"dynamic"})}
-  phase["calibrate"] = time.perf_counter() - t
-  t = time.perf_counter()
+  with timer("calibrate"):
+    stats = {obs: jq.calibrate(model.apply, params, recipe(8), batches,
+                               observer=obs, progress=common.tty())
+             for obs in sorted({c for _, _, c in grid} - {"dynamic"})}
   example = x_test[:2]
-  for bits, gran, calib in common.progress(grid, desc="PTQ"):
-    qparams = jq.quantize_params(model.apply, params, recipe(bits, gran),
-                                 example, stats=stats.get(calib))
-    add(f"PTQ W{bits}A8 {GRAN[gran]} {calib}", "PTQ", bits, gran, calib,
-        accuracy(qapply(bits, gran), qparams, x_test, y_test), qparams)
-  phase["PTQ"] = time.perf_counter() - t
+  with timer("PTQ"):
+    for bits, gran, calib in common.progress(grid, desc="PTQ"):
+      qparams = jq.quantize_params(model.apply, params, recipe(bits, gran),
+                                   example, stats=stats.get(calib))
+      add(f"PTQ W{bits}A8 {GRAN[gran]} {calib}", "PTQ", bits, gran, calib,
+          accuracy(qapply(bits, gran), qparams, x_test, y_test), qparams)
 
   # -- QAT from scratch, and PTQ + quantization-aware fine-tuning
   def quantize_and_eval(name, method, bits, trained, info):
@@ -310,43 +281,43 @@ def run(quick: bool, epochs: float, seed: int) -> dict:
 
   qat_bits = (4,) if quick else (8, 4, 2)
   qaft_bits = (4,) if quick else (4, 2)
-  t = time.perf_counter()
-  for bits in qat_bits:
-    print(f"QAT {bits}-bit from scratch", flush=True)
-    trained, info = trainer.train(f"fq{bits}", jq.fake_quant(
-        model.apply, recipe(bits)), init, x_train, y_train, epochs=epochs,
-        lr=LR, seed=seed, desc=f"QAT W{bits}")
-    quantize_and_eval(f"QAT W{bits}A8 ch", "QAT", bits, trained, info)
-  phase["QAT"] = time.perf_counter() - t
-  t = time.perf_counter()
+  with timer("QAT"):
+    for bits in qat_bits:
+      common.log(f"QAT {bits}-bit from scratch")
+      trained, info = trainer.fit(f"fq{bits}", jq.fake_quant_apply(
+          model.apply, recipe(bits)), init, x_train, y_train, epochs=epochs,
+          lr=LR, seed=seed, desc=f"QAT W{bits}")
+      quantize_and_eval(f"QAT W{bits}A8 ch", "QAT", bits, trained, info)
   qaft_epochs = min(QAFT_EPOCHS, epochs)
-  for bits in qaft_bits:
-    print(f"QAFT {bits}-bit from float, {qaft_epochs:g} epoch", flush=True)
-    trained, info = trainer.train(f"fq{bits}", jq.fake_quant(
-        model.apply, recipe(bits)), params, x_train, y_train,
-        epochs=qaft_epochs, lr=QAFT_LR, seed=seed + 2, desc=f"QAFT W{bits}")
-    quantize_and_eval(f"QAFT W{bits}A8 ch", "QAFT", bits, trained, info)
-  phase["QAFT"] = time.perf_counter() - t
+  with timer("QAFT"):
+    for bits in qaft_bits:
+      common.log(f"QAFT {bits}-bit from float, {qaft_epochs:g} epoch")
+      trained, info = trainer.fit(f"fq{bits}", jq.fake_quant_apply(
+          model.apply, recipe(bits)), params, x_train, y_train,
+          epochs=qaft_epochs, lr=QAFT_LR, seed=seed + 2,
+          desc=f"QAFT W{bits}")
+      quantize_and_eval(f"QAFT W{bits}A8 ch", "QAFT", bits, trained, info)
 
   # -- latency: every distinct computation, interleaved in rounds
-  t = time.perf_counter()
   rounds, calls = (2, 1) if quick else (7, 5)
-  ratios, float_seconds = latency(timing_args, rounds, calls, seed)
+  with timer("timing"):
+    ratios, float_seconds = latency(timing_args, rounds, calls, seed)
   for row in rows:
     row["latency_ratio"] = ratios[row["exec"]]
-  phase["timing"] = time.perf_counter() - t
+  # -- which matmuls of each int8 computation run int8, before and after XLA
+  with timer("int8 ops"):
+    int8_ops = {key: jq.int8_ops(fn, *args)._asdict()
+                for key, (fn, args) in timing_args.items() if key != "float"}
 
   # -- per-layer diagnosis of the low-bit PTQ models (full run only)
   layers = {}
   if not quick:
-    t = time.perf_counter()
-    for bits in (4, 2):
-      rep = jq.layer_report(model.apply, params, recipe(bits), x_test[:256],
-                            stats=stats["minmax"])
-      layers[f"W{bits}A8 ch minmax"] = rep
-    phase["layer report"] = time.perf_counter() - t
+    with timer("layer report"):
+      for bits in (4, 2):
+        rep = jq.layer_report(model.apply, params, recipe(bits),
+                              x_test[:256], stats=stats["minmax"])
+        layers[f"W{bits}A8 ch minmax"] = rep
 
-  phase["total"] = time.perf_counter() - t_start
   float_acc = float_row["accuracy"]
   for row in rows:
     row["delta_points"] = 100 * (row["accuracy"] - float_acc)
@@ -363,8 +334,8 @@ def run(quick: bool, epochs: float, seed: int) -> dict:
                                   jax.tree_util.tree_leaves(params))),
             "backend": jax.default_backend(),
             "cpu_count": _cpu_count()}
-  return {"config": config, "rows": rows, "seconds": phase,
-          "targets": targets(rows, float_acc),
+  return {"config": config, "rows": rows, "seconds": {},
+          "int8_ops": int8_ops, "targets": targets(rows, float_acc),
           "calibrated_ranges": {obs: str(st.table())
                                 for obs, st in stats.items()},
           "layer_reports": {k: str(v) for k, v in layers.items()},
@@ -600,27 +571,25 @@ def plot_calibration(rows, path):
   common.save_figure(fig, path)
 
 
+def figures(report) -> dict:
+  out = {"pareto.png": lambda path: plot_pareto(report["rows"], path),
+         "calibration.png": lambda path: plot_calibration(report["rows"],
+                                                          path)}
+  for name, rep in report["_layer_objects"].items():
+    out[f"layers/{name.split()[0].lower()}"] = rep.plot
+  return out
+
+
+def parser():
+  p = common.parser(__doc__, NAME,
+                    quick="5k / 2k images, 1 epoch, fewer variants (CI)")
+  p.add_argument("--epochs", type=float, default=None,
+                 help="float and QAT epochs (default 3, quick 1)")
+  return p
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="5k / 2k images, 1 epoch, fewer variants (CI)")
-  parser.add_argument("--out", default=None,
-                      help="output folder (default results/mnist)")
-  parser.add_argument("--epochs", type=float, default=None,
-                      help="float and QAT epochs (default 3, quick 1)")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  epochs = args.epochs if args.epochs is not None else (1 if args.quick
-                                                          else 3)
-  report = run(args.quick, epochs, args.seed)
-  out = common.results_dir("mnist", args.out)
-  layers = report.pop("_layer_objects")
-  for name, rep in layers.items():
-    rep.plot(out / "layers" / name.split()[0].lower())
-  common.publish(out, markdown(report), report, {
-      "pareto.png": lambda path: plot_pareto(report["rows"], path),
-      "calibration.png": lambda path: plot_calibration(report["rows"], path)})
-  return report
+  return common.main(NAME, parser, run, markdown, figures, argv)
 
 
 if __name__ == "__main__":

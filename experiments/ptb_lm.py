@@ -38,12 +38,9 @@ Writes results.md, results.json and ptb_lm.png to results/ptb_lm/ (or --out).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import math
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -54,6 +51,8 @@ import optax
 import jaxquant as jq
 from experiments import common
 from experiments.data import load_ptb
+
+NAME = "ptb_lm"
 
 
 # ------------------------------------------------------------------ config
@@ -164,36 +163,14 @@ def eval_windows(tokens: np.ndarray, cfg: Config):
 # ---------------------------------------------------------------- training
 
 
-def loss_fn(apply_fn, params, x, y):
-  logits = apply_fn(params, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def train(apply_fn, params, batches, *, steps, lr, warmup, weight_decay,
-          desc):
-  """AdamW with linear warmup and cosine decay to lr/10; returns losses."""
+def adamw(*, steps, lr, warmup, weight_decay):
+  """AdamW (gradients clipped to norm 1) with linear warmup and cosine decay
+  to lr/10 over `steps`, for `common.train`."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, lr, max(1, warmup), max(steps, warmup + 1), lr / 10)
-  opt = optax.chain(optax.clip_by_global_norm(1.0),
-                    optax.adamw(schedule, b2=0.98, weight_decay=weight_decay))
-  state = opt.init(params)
-
-  @jax.jit
-  def step(params, state, x, y):
-    loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(apply_fn, p, x, y))(params)
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  losses = []
-  bar = common.progress(range(steps), desc)
-  for _ in bar:
-    x, y = next(batches)
-    params, state, loss = step(params, state, x, y)
-    losses.append(float(loss))
-    if hasattr(bar, "set_postfix"):
-      bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-  return params, losses
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b2=0.98,
+                                 weight_decay=weight_decay))
 
 
 def nll_fn(apply_fn):
@@ -220,36 +197,26 @@ def perplexity(nll, params, windows, desc) -> float:
 # -------------------------------------------------------------------- main
 
 
-class Timer:
-  """Wall and process CPU seconds (all threads, user + system) per phase.
-
-  CPU seconds are the load-independent figure when other jobs share the
-  cores: on an otherwise idle machine wall ~ CPU / (cores kept busy).
-  """
-
-  def __init__(self):
-    self.wall, self.cpu = {}, {}
-
-  @contextlib.contextmanager
-  def __call__(self, name):
-    wall, cpu = time.perf_counter(), _cpu_seconds()
-    yield
-    self.wall[name] = time.perf_counter() - wall
-    self.cpu[name] = _cpu_seconds() - cpu
-
-
-def _cpu_seconds() -> float:
-  t = os.times()
-  return t.user + t.system
-
-
 def report_counts(rep: jq.Report) -> dict:
   return {"int8": rep.count("int8"), "weight_only": rep.count("weight-only"),
           "float": rep.count("float")}
 
 
-def run(cfg: Config, seed: int, log=print):
-  timer = Timer()
+def run(args) -> dict:
+  cfg = QUICK if args.quick else FULL
+  if args.steps is not None:
+    cfg = dataclasses.replace(cfg, steps=args.steps,
+                              warmup=min(cfg.warmup, max(1, args.steps // 10)))
+  timer = common.Timer()
+  with timer("total"):
+    result = experiment(cfg, args.seed)
+  result["config"].update(quick=args.quick, seconds=timer.wall["total"],
+                          train_tokens=len(load_ptb()["train"]))
+  return result
+
+
+def experiment(cfg: Config, seed: int, log=common.log):
+  timer = common.Timer()
   load_before = os.getloadavg()[0]
   with timer("load_data"):
     ptb = load_ptb()
@@ -267,24 +234,26 @@ def run(cfg: Config, seed: int, log=print):
   rng = np.random.default_rng(seed)
   batches = train_batches(ptb["train"], cfg, rng)
   with timer("train_float"):
-    params, losses = train(model.apply, params, batches, steps=cfg.steps,
-                           lr=cfg.lr, warmup=cfg.warmup,
-                           weight_decay=cfg.weight_decay, desc="train float")
+    params, losses = common.train(
+        model.apply, params, batches, steps=cfg.steps, desc="train float",
+        tx=adamw(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                 weight_decay=cfg.weight_decay))
 
   recs = recipes(cfg.group_size)
-  fine_tune = dict(steps=cfg.qat_steps, lr=cfg.qat_lr,
-                   warmup=max(1, cfg.qat_steps // 10),
-                   weight_decay=cfg.weight_decay)
+  fine_tune = adamw(steps=cfg.qat_steps, lr=cfg.qat_lr,
+                    warmup=max(1, cfg.qat_steps // 10),
+                    weight_decay=cfg.weight_decay)
   # The control and QAT runs see the same batches.
   qat_state = rng.bit_generator.state
   with timer("train_control"):
-    control, control_losses = train(model.apply, params, batches,
-                                    desc="train control", **fine_tune)
+    control, control_losses = common.train(
+        model.apply, params, batches, tx=fine_tune, steps=cfg.qat_steps,
+        desc="train control")
   rng.bit_generator.state = qat_state
   with timer("train_qat"):
-    qat_params, qat_losses = train(jq.fake_quant_apply(model.apply, recs["W4A16"]),
-                                   params, batches, desc="train QAT W4A16",
-                                   **fine_tune)
+    qat_params, qat_losses = common.train(
+        jq.fake_quant_apply(model.apply, recs["W4A16"]), params, batches,
+        tx=fine_tune, steps=cfg.qat_steps, desc="train QAT W4A16")
 
   variants = [
       ("float", "float", params, None),
@@ -420,30 +389,20 @@ def markdown(result) -> str:
       f"## jq.report, W8A8\n\n```\n{result['w8a8_report']}\n```\n")
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny model, few steps, small eval subset (CI)")
-  parser.add_argument("--out", default=None,
-                      help="output folder (default results/ptb_lm)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="float training steps (default: 1300, quick 30)")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+def figures(result) -> dict:
+  return {"ptb_lm.png": lambda path: plot(result, path)}
 
-  cfg = QUICK if args.quick else FULL
-  if args.steps is not None:
-    cfg = dataclasses.replace(cfg, steps=args.steps,
-                              warmup=min(cfg.warmup, max(1, args.steps // 10)))
-  start = time.perf_counter()
-  result = run(cfg, args.seed)
-  result["config"].update(quick=args.quick,
-                          seconds=time.perf_counter() - start,
-                          train_tokens=len(load_ptb()["train"]))
-  out = common.results_dir("ptb_lm", args.out)
-  common.publish(out, markdown(result), result,
-                 {"ptb_lm.png": lambda path: plot(result, path)})
-  return result
+
+def parser():
+  p = common.parser(__doc__, NAME,
+                    quick="tiny model, few steps, small eval subset (CI)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="float training steps (default: 1300, quick 30)")
+  return p
+
+
+def main(argv=None):
+  return common.main(NAME, parser, run, markdown, figures, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from jaxquant.calibration import (Calibration, RangeTable, Stats, calibrate,
                                   calibration)
 from jaxquant.checkpoint import load, save
 from jaxquant.hlo import Int8Ops, int8_ops
-from jaxquant.qarray import QArray, dequantize, fake_quant, quantize
+from jaxquant.qarray import (ActQuant, QArray, dequantize, fake_quant,
+                             quantize)
 from jaxquant.rules import Recipe, Rule
 from jaxquant.spec import (QuantSpec, fp8_e4m3, fp8_e5m2, int2, int3, int4,
                            int8, nf4, uint8)
@@ -25,7 +26,7 @@ from jaxquant.tree import dequantize_tree, nbytes, quantize_tree
 __version__ = "0.1.0"
 
 __all__ = [
-    "Calibration", "Int8Ops", "LayerReport", "QArray", "QuantSpec",
+    "ActQuant", "Calibration", "Int8Ops", "LayerReport", "QArray", "QuantSpec",
     "RangeTable", "Recipe", "Report", "Rule", "Stats", "auto_recipe",
     "calibrate", "calibration", "dequantize", "dequantize_tree", "fake_quant",
     "fake_quant_apply", "fp8_e4m3", "fp8_e5m2", "int2", "int3", "int4", "int8", "int8_ops",

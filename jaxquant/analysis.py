@@ -197,16 +197,16 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
     if stats is not None and path in stats.states:
       lo, hi = (np.asarray(a) for a in stats.act_range(path))
       act_range = (float(lo.min()), float(hi.max()))
-      if q.act_scale is not None:
-        s = np.asarray(q.act_scale)
-        z = 0.0 if q.act_zero_point is None else np.asarray(q.act_zero_point)
-        spec = q.act_spec
+      if q.act is not None:
+        s = np.asarray(q.act.scale)
+        z = 0.0 if q.act.zero_point is None else np.asarray(q.act.zero_point)
+        spec = q.act.spec
         act_clip = (float(np.min((spec.qmin - z) * s)),
                     float(np.max((spec.qmax - z) * s)))
     rows.append(LayerRow(
         path, q.spec.short(),
         "float" if recipe.match(path).act is None else (
-            q.act_spec or recipe.match(path).act).short(),
+            (q.act and q.act.spec) or recipe.match(path).act).short(),
         (float(w.min()), float(w.max())),
         float(np.max(np.asarray(q.scale)) * q.spec.qmax),
         act_range, act_clip, sqnr_db(w, q.dequantize()),

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, numerics, text
-from jaxquant.qarray import QArray, fake_quant as fake_quant_array, quantize
+from jaxquant.qarray import (ActQuant, QArray, fake_quant as fake_quant_array,
+                             quantize)
 from jaxquant.rules import Recipe
 from jaxquant.transform import (FloatPayload, Tracer, param_leaves,
                                 resolved_specs, tag_inputs)
@@ -120,8 +121,7 @@ def _with_static_act(q: QArray, act, lo, hi) -> QArray:
   act = dataclasses.replace(act, granularity="tensor", channel_axes=None,
                             group_size=None, group_axis=None, clip=None)
   scale, zero_point = numerics.scale_from_range(lo, hi, act)
-  return dataclasses.replace(q, act_scale=scale, act_zero_point=zero_point,
-                             act_spec=act)
+  return dataclasses.replace(q, act=ActQuant(scale, zero_point, act))
 
 
 def _check_recipe(recipe) -> None:

@@ -55,7 +55,7 @@ import msgpack
 import numpy as np
 
 from jaxquant import numerics, packing
-from jaxquant.qarray import QArray
+from jaxquant.qarray import ActQuant, QArray
 from jaxquant.spec import QuantSpec
 from jaxquant.tree import key_name
 
@@ -66,6 +66,14 @@ _PREFIX = _DIGEST + 32       # magic, version and checksum
 _CHUNK = 16 << 20            # bytes per read / write: bounds the extra memory
 _ALIGN = 64                  # XLA:CPU adopts 64-byte aligned buffers, no copy
 _QFIELDS = ("values", "scale", "zero_point", "act_scale", "act_zero_point")
+
+
+def _qarray_fields(q: QArray) -> dict:
+  """A QArray's arrays under their names in the file (None when absent)."""
+  act = q.act
+  return {"values": q.values, "scale": q.scale, "zero_point": q.zero_point,
+          "act_scale": None if act is None else act.scale,
+          "act_zero_point": None if act is None else act.zero_point}
 _ABSENT = object()           # no `like` for this subtree
 _DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
            "uint32", "uint64", "float16", "float32", "float64", "bfloat16",
@@ -194,7 +202,7 @@ def _is_key(x) -> bool:
 def _leaf_arrays(x) -> dict:
   """The arrays a leaf stores, by field name, in data order."""
   if isinstance(x, QArray):
-    return {n: getattr(x, n) for n in _QFIELDS if getattr(x, n) is not None}
+    return {n: a for n, a in _qarray_fields(x).items() if a is not None}
   if _is_key(x):
     return {"data": jax.random.key_data(x)}
   return {"data": x}
@@ -206,8 +214,8 @@ def _leaf_header(x, path) -> dict:
   if isinstance(x, QArray):
     header = {"t": "qarray", "spec": dataclasses.asdict(x.spec),
               "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name,
-              "act_spec": None if x.act_spec is None else dataclasses.asdict(
-                  x.act_spec), "arrays": arrays}
+              "act_spec": None if x.act is None else dataclasses.asdict(
+                  x.act.spec), "arrays": arrays}
   elif _is_key(x):
     header = {"t": "key", "impl": str(jax.random.key_impl(x)),
               **arrays["data"]}
@@ -578,7 +586,8 @@ def _qarray_plan(d, path) -> _Plan:
                  for n in _QFIELDS if n in given)
   plan = _Plan(arrays, lambda a: QArray(
       a["values"], a["scale"], a.get("zero_point"), spec, shape, dtype,
-      a.get("act_scale"), a.get("act_zero_point"), act))
+      None if act is None and a.get("act_scale") is None else ActQuant(
+          a.get("act_scale"), a.get("act_zero_point"), act)))
   problem = _qarray_problem(plan.stub(), path)
   if problem:
     raise _Invalid(f"{path}: QArray {problem}")
@@ -595,20 +604,22 @@ def _qarray_problem(q: QArray, path) -> str | None:
     return str(e)
   if spec.granularity == "group" and q.shape[spec.group_axis] % spec.group_size:
     return f"group_size {spec.group_size} does not divide shape {q.shape}"
-  act = q.act_spec
+  fields = _qarray_fields(q)
+  act = None if q.act is None else q.act.spec
   if ((q.zero_point is None) != spec.symmetric
-      or (q.act_scale is None) != (act is None)
-      or (q.act_zero_point is None) != (act is None or act.symmetric)):
+      or (fields["act_scale"] is None) != (act is None)
+      or (fields["act_zero_point"] is None) != (act is None
+                                                or act.symmetric)):
     return "zero points or act scale do not fit its specs"
   scale = _scale_shape(q.shape, spec)
-  act_shape = None if act is None else tuple(q.act_scale.shape)
+  act_shape = None if act is None else tuple(fields["act_scale"].shape)
   if act_shape is not None and len(act_shape) > len(q.shape):
     return f"act scale has shape {act_shape}, more axes than the weight"
   want = {"values": (_values_shape(q.shape, spec), _values_dtype(spec)),
           "scale": (scale, None), "zero_point": (scale, None),
           "act_scale": (act_shape, None), "act_zero_point": (act_shape, None)}
   for name, (shape, dtype) in want.items():
-    a = getattr(q, name)
+    a = fields[name]
     if a is not None and tuple(a.shape) != shape:
       return f"{name} has shape {tuple(a.shape)}, expected {shape}"
     if a is not None and (a.dtype != dtype if dtype is not None else
@@ -762,12 +773,14 @@ def _check_leaf(got, want, names) -> None:
                     f"{_what(want)}")
   if not isinstance(got, QArray):
     return
-  if got.spec != want.spec or got.act_spec != want.act_spec:
+  got_act, want_act = (q.act and q.act.spec for q in (got, want))
+  if got.spec != want.spec or got_act != want_act:
     raise _mismatch(names, f"{_path(names)} was saved with a different "
-                    f"QuantSpec ({got.spec}, act {got.act_spec}; `like` has "
-                    f"{want.spec}, act {want.act_spec})")
+                    f"QuantSpec ({got.spec}, act {got_act}; `like` has "
+                    f"{want.spec}, act {want_act})")
+  got_fields, want_fields = _qarray_fields(got), _qarray_fields(want)
   for name in _QFIELDS:
-    a, b = getattr(got, name), getattr(want, name)
+    a, b = got_fields[name], want_fields[name]
     if (a is None) != (b is None) or a is not None and (
         tuple(a.shape), a.dtype) != (tuple(b.shape), b.dtype):
       raise _mismatch(names, f"QArray {name} is {_what(a)} in the file, "

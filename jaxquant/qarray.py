@@ -26,6 +26,28 @@ from jaxquant.spec import QuantSpec
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class ActQuant:
+  """Static quantization of the activation a weight meets in its matmul.
+
+  From calibration (`jq.quantize_params(..., stats=...)`) or a fixed act
+  clip: a per-tensor `scale` of shape () or, for `nn.scan`-stacked weights,
+  (layers,); `zero_point` (None when `spec` is symmetric); the act `spec`.
+  """
+
+  scale: jax.Array
+  zero_point: jax.Array | None
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+
+  def stacked(self, length: int) -> "ActQuant":
+    """One scale per step of a `lax.scan` of `length` steps: a shared ()
+    scale is repeated, a per-layer (layers,) one is kept."""
+    stack = lambda a: None if a is None else jnp.broadcast_to(
+        a, (length,) + a.shape[1:])
+    return ActQuant(stack(self.scale), stack(self.zero_point), self.spec)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class QArray:
   """A quantized tensor. Build it with `quantize`, read it with `dequantize`.
 
@@ -42,13 +64,9 @@ class QArray:
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
-  # Static activation quantization of the matmul this weight feeds, from
-  # calibration (`jq.quantize_params(..., stats=...)`); None: dynamic.
-  # Shape () or, for `nn.scan`-stacked weights, (layers,).
-  act_scale: jax.Array | None = None
-  act_zero_point: jax.Array | None = None
-  act_spec: QuantSpec | None = dataclasses.field(
-      default=None, metadata=dict(static=True))
+  # Static activation quantization of the matmul this weight feeds; None:
+  # activations are quantized dynamically (or not at all).
+  act: ActQuant | None = None
 
   @property
   def ndim(self) -> int:
@@ -61,8 +79,9 @@ class QArray:
   @property
   def nbytes(self) -> int:
     """Bytes of values, scales and zero points together."""
-    parts = (self.values, self.scale, self.zero_point, self.act_scale,
-             self.act_zero_point)
+    act = self.act or ActQuant(None, None, None)
+    parts = (self.values, self.scale, self.zero_point, act.scale,
+             act.zero_point)
     return sum(int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize
                for p in parts if p is not None)
 

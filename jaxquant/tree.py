@@ -25,7 +25,16 @@ def key_name(key) -> str:
 
 
 def path_str(keypath) -> str:
-  """'/'-joined names of a `jax.tree_util` key path: 'params/Dense_0/kernel'."""
+  """'/'-joined names of a `jax.tree_util` key path: 'params/Dense_0/kernel'.
+
+  A final `.value` attribute (where Flax NNX `Variable`s keep their array) is
+  left out, so an NNX kernel is 'linear/kernel' like a Linen one. Paths stay
+  unique: the node holding `.value` is not itself a leaf.
+  """
+  keypath = tuple(keypath)
+  if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and (
+      keypath[-1].name == "value"):
+    keypath = keypath[:-1]
   return "/".join(key_name(k) for k in keypath)
 
 

@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
+from typing import NamedTuple
+
+import pytest
 from hypothesis import settings
 
 # Derandomized, so CI runs the same examples every time; explore more with
@@ -10,3 +13,28 @@ settings.register_profile("ci", max_examples=40, deadline=None,
                           derandomize=True)
 settings.register_profile("explore", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class Trained(NamedTuple):
+  model: object
+  params: dict
+  x_train: object
+  y_train: object
+  x_test: object
+  y_test: object
+
+
+@pytest.fixture(scope="session")
+def digits_cnn() -> Trained:
+  """`models.DigitsCNN` trained 12 epochs on digits (test accuracy ~0.98).
+
+  Session-scoped: tests/test_calibration.py and tests/test_analysis.py share
+  one training run (a few seconds) per test process. Treat it as read-only.
+  """
+  import data
+  import models
+
+  x_train, y_train, x_test, y_test = data.digits(seed=0)
+  model = models.DigitsCNN()
+  params = models.train(model, x_train, y_train, epochs=12)
+  return Trained(model, params, x_train, y_train, x_test, y_test)

@@ -100,9 +100,9 @@ def _write_v1(path, tree):
       return {"t": "qarray", "spec": spec(x.spec), "shape": list(x.shape),
               "dtype": jnp.dtype(x.dtype).name, "values": array(x.values),
               "scale": array(x.scale), "zero_point": opt(x.zero_point),
-              "act_scale": opt(x.act_scale),
-              "act_zero_point": opt(x.act_zero_point),
-              "act_spec": spec(x.act_spec)}
+              "act_scale": opt(x.act and x.act.scale),
+              "act_zero_point": opt(x.act and x.act.zero_point),
+              "act_spec": spec(x.act and x.act.spec)}
     if isinstance(x, dict):
       return {"t": "dict", "items": {k: encode(v) for k, v in x.items()}}
     if isinstance(x, (list, tuple)):
@@ -458,12 +458,13 @@ def test_paths_of_library_trees_are_unchanged():
                      "params/Dense_0/bias"),
            "optax": (optax.adam(1e-3).init({"w": jnp.ones(2)}), "0/count"),
            "eqx": (_eqx_arrays()[0], "layers/0/weight"),
-           "nnx": (_nnx_state(), "dense/bias/value"),
+           "nnx": (_nnx_state(), "dense/bias"),
            "lists": ([(jnp.ones(1),)], "0/0")}
   for tree, first in trees.values():
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jq.tree.is_qarray)
+    # jaxquant's paths: keystr's, less the trailing '/value' of NNX Variables.
     keystrs = [jax.tree_util.keystr(p, simple=True, separator="/")
-               for p, _ in flat[0]]
+               .removesuffix("/value") for p, _ in flat[0]]
     paths = [p for p, _ in leaves_with_paths(tree)]
     assert paths == keystrs and paths[0] == first
 
@@ -623,9 +624,8 @@ def qarrays(draw):
   if draw(st.booleans()):  # a static activation range, as from calibration
     act = jq.QuantSpec(signed=draw(st.booleans()),
                        symmetric=draw(st.booleans()), granularity="tensor")
-    q = dataclasses.replace(
-        q, act_spec=act, act_scale=jnp.float32(0.5),
-        act_zero_point=None if act.symmetric else jnp.float32(3))
+    q = dataclasses.replace(q, act=jq.ActQuant(
+        jnp.float32(0.5), None if act.symmetric else jnp.float32(3), act))
   return q
 
 

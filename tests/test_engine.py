@@ -117,6 +117,12 @@ def test_nnx_model_through_split_and_merge():
   paths = [p for p, leaf in jq.tree.leaves_with_paths(qparams)
            if isinstance(leaf, jq.QArray)]
   assert len(paths) == 2 and all("kernel" in p for p in paths), paths
+  # NNX Variables keep their array in `.value`; paths leave it out, so the
+  # README's r".*kernel" recipe matches NNX kernels as it matches Linen's.
+  assert all(p.endswith("/kernel") for p in paths), paths
+  recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8()),
+                      jq.Rule(r".*bias", weight=None)])
+  assert jq.report(apply_fn, state, recipe, x).count("weight-only") == 2
 
 
 def test_plain_jax_function():
@@ -307,7 +313,7 @@ def test_calibrated_params_survive_a_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(qapply(restored, x)),
                                 np.asarray(qapply(qparams, x)))
   kernel = restored["params"]["Dense_1"]["kernel"]
-  assert kernel.act_scale is not None and kernel.act_spec.granularity == "tensor"
+  assert kernel.act is not None and kernel.act.spec.granularity == "tensor"
   grouped = jq.quantize_params(model.apply, params, recipe, x)
   jq.save(tmp_path / "g.jq", grouped)
   np.testing.assert_array_equal(

@@ -8,6 +8,8 @@ import pytest
 from experiments import bitwidth_sweep, common
 
 
+# Not marked slow (about 25 s): the quick sweep is CI's only run of the
+# script, shared by every test in this file.
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bitwidth_sweep")

@@ -30,8 +30,28 @@ def test_digits_split():
   assert 0.0 <= x_train.min() and x_train.max() == 1.0
   assert set(y_train) == set(y_test) == set(range(10))
   assert not x_train.flags.writeable
+  # The documented split: a seeded permutation of all 1797 images, cut at
+  # 75 %, not stratified (36 to 54 test images per class with seed 0).
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  order = np.random.default_rng(0).permutation(1797)
+  np.testing.assert_array_equal(y_train, digits.target[order[:1347]])
+  np.testing.assert_array_equal(x_test[..., 0],
+                                digits.images[order[1347:]] / 16.0)
+  assert np.bincount(y_test).tolist() == [49, 45, 54, 38, 53, 43, 46, 36, 38,
+                                          48]
   other = data.load_digits_split(seed=1)
   assert not np.array_equal(other[1], y_train)
+
+
+def test_tests_use_the_same_digits_split():
+  """tests/data.py (the tests do not import experiments/) has its own copy
+  of the loader: the same arrays."""
+  import data as test_data
+  for seed in (0, 1):
+    for got, want in zip(test_data.digits(seed), data.load_digits_split(seed)):
+      np.testing.assert_array_equal(got, want)
+      assert got.dtype == want.dtype
 
 
 @pytest.mark.parametrize("protocol", [3, 4])

