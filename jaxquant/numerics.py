@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import formats
+from jaxquant import compat, formats
 from jaxquant.spec import QuantSpec
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -212,7 +212,7 @@ def dequantize_with_scale(q, scale, zero_point, dtype=jnp.float32):
 def check_finite(x, where: str = "tensor") -> None:
   """Raises ValueError on NaN/inf, or on float64 values beyond float32, in a
   concrete array; no-op under tracing."""
-  if isinstance(x, jax.core.Tracer):
+  if compat.is_tracer(x):
     return
   arr = np.asarray(x)
   # bfloat16 and the fp8 types have NumPy kind 'V', not 'f'.

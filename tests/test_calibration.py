@@ -182,3 +182,35 @@ def test_batches_of_different_sizes_are_observed(trained):
   for path in stats.states:
     np.testing.assert_allclose(np.asarray(stats.act_range(path)),
                                np.asarray(whole.act_range(path)), rtol=1e-6)
+
+
+def test_calibration_pair_matches_calibrate_and_stats_round_trip(tmp_path):
+  """`calibration`'s pure init / update gives `calibrate`'s Stats, and Stats
+  survive jq.save / jq.load (custom node: rebuilt from `like=`)."""
+  model = nn.Dense(4)
+  batches = [jax.random.normal(jax.random.key(i), (8, 16)) for i in range(3)]
+  params = model.init(jax.random.key(0), batches[0])
+  recipe = w8a8()
+  cal = jq.calibration(model.apply, recipe, observer="ema",
+                       observer_options={"decay": 0.5})
+  stats = cal.init(params, batches[0])
+  update = jax.jit(cal.update)
+  for batch in batches:
+    stats = update(stats, params, batch)
+  loop = jq.calibrate(model.apply, params, recipe, batches, observer="ema",
+                      observer_options={"decay": 0.5}, progress=False)
+  assert int(stats.num_batches) == int(loop.num_batches) == 3
+  for a, b in zip(stats.act_range("params/kernel"),
+                  loop.act_range("params/kernel")):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jq.save(tmp_path / "stats.jq", stats)
+  restored = jq.load(tmp_path / "stats.jq", like=cal.init(params, batches[0]))
+  assert int(restored.num_batches) == 3
+  q1 = jq.quantize_params(model.apply, params, recipe, batches[0],
+                          stats=stats)
+  q2 = jq.quantize_params(model.apply, params, recipe, batches[0],
+                          stats=restored)
+  k1, k2 = q1["params"]["kernel"], q2["params"]["kernel"]
+  assert float(k1.act.scale) == float(k2.act.scale)
+  with pytest.raises(ValueError, match="like="):
+    jq.load(tmp_path / "stats.jq")

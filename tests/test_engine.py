@@ -274,7 +274,7 @@ def test_params_that_do_not_fit_the_model_raise():
   wrong["params"]["Dense_7"] = wrong["params"].pop("Dense_1")
   with pytest.raises(ValueError, match="(?s)tracing apply_fn failed.*Dense_1.*do not fit apply_fn"):
     qapply(wrong, x)
-  with pytest.raises(ValueError, match="arguments do not fit apply_fn"):
+  with pytest.raises(ValueError, match="arguments that do not fit apply_fn"):
     qapply(qparams, jnp.ones((2, 63)))
 
 

@@ -177,9 +177,10 @@ def _trace_hint(e: Exception) -> str:
             "computed from params or array arguments; jaxquant traces it "
             "abstractly like jax.jit: use jax.lax.cond / jnp.where, or pass "
             "such an argument as a Python value (it is then static)")
-  return ("the params or arguments do not fit apply_fn: pass params with the "
-          "paths and shapes the model was initialised with, and inputs of "
-          "the shapes it expects")
+  return ("if it comes from params or arguments that do not fit apply_fn, "
+          "pass params with the paths and shapes the model was initialised "
+          "with, and inputs of the shapes it expects; otherwise it is raised "
+          "by apply_fn itself")
 
 
 def tag_inputs(traced: Traced, leaves, make_payload) -> list:
