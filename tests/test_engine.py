@@ -200,6 +200,35 @@ def test_grouped_weights_fall_back_where_groups_cannot_be_split_and_say_so():
   assert rel_err(out, fq) < 1e-5
 
 
+def test_grouped_weights_follow_transposes():
+  """(out, in)-stored kernels used as `x @ w.T` (Hugging Face GPT-2 style)
+  and a tied embedding's `x @ embedding.T` keep their per-group scales
+  through the transpose and run grouped int8 dots."""
+  def apply_fn(p, ids):
+    h = p["embedding"][ids]                     # (b, t, d) lookup
+    h = jax.nn.relu(h @ p["w_out_in"].T)        # w stored (out, in)
+    return h @ p["embedding"].T                 # tied output layer
+
+  kp, kw, ki = jax.random.split(jax.random.key(0), 3)
+  params = {"embedding": jax.random.normal(kp, (50, 64)),
+            "w_out_in": jax.random.normal(kw, (64, 64)) / 8}
+  ids = jax.random.randint(ki, (4, 8), 0, 50)
+  recipe = jq.Recipe([jq.Rule(r".*", weight=jq.int4(group_size=16),
+                              act=jq.int8())])
+  qparams = jq.quantize_params(apply_fn, params, recipe, ids)
+  # Groups run along each weight's contracted axis (axis 1 of both).
+  assert qparams["w_out_in"].scale.shape == (64, 4)
+  assert qparams["embedding"].scale.shape == (50, 4)
+  rep = jq.report(apply_fn, qparams, recipe, ids)
+  assert rep.count("int8") == 2, str(rep)
+  qapply = jax.jit(jq.quantized_apply(apply_fn, recipe))
+  assert count_int8_ops(qapply, qparams, ids)[0] == 2
+  out = qapply(qparams, ids)
+  fq = jax.jit(jq.fake_quant_apply(apply_fn, recipe))(params, ids)
+  assert rel_err(out, fq) < 1e-5
+  assert rel_err(out, apply_fn(params, ids)) < 0.2  # int4 weights
+
+
 def test_report_flags_params_quantized_with_another_recipe():
   model = zoo.MLP()
   x = jax.random.normal(jax.random.key(1), (8, 64))

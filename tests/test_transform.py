@@ -263,7 +263,7 @@ def test_casts_and_copies_keep_scales_and_axes():
   for name in ("convert_element_type", *(n for n in ("copy", "copy_p")
                                         if n in RULES)):
     rule = RULES[name]
-    assert rule.moves is False
+    assert rule.regroups is False
     assert rule.scale(eqn.params, scale, (2, 3), (2, 3), []) is scale
     assert rule.axes(eqn.params, identity_map(2), (2, 3),
                      (2, 3)) == identity_map(2)

@@ -77,7 +77,7 @@ def format_problem(weight: QuantSpec, act: QuantSpec) -> str | None:
 
 def group_problem(site: Site, spec: QuantSpec, act_spec) -> str | None:
   """Why a per-group weight cannot run a grouped int8 matmul here."""
-  if site.moved:
+  if site.regrouped:
     return GROUP_MOVED
   if (site.primitive != "dot_general" or len(site.weight_contract) != 1
       or site.param_contract != {spec.group_axis}):

@@ -20,7 +20,8 @@ from jaxquant.spec import QuantSpec
 from jaxquant.transform.interpreter import LayoutRule
 from jaxquant.transform.tagged import FloatPayload
 
-GROUP_MOVED = "per-group weight reshaped or transposed before its matmul"
+GROUP_MOVED = ("per-group weight reshaped, sliced or broadcast before its "
+               "matmul")
 
 
 @jax.tree_util.register_dataclass
@@ -110,10 +111,20 @@ class GroupPayload(QuantPayload):
     return out.reshape(self.values.shape)
 
   def apply(self, eqn, others, rule: LayoutRule):
-    if eqn.primitive.name == "convert_element_type" and jnp.issubdtype(
-        eqn.params["new_dtype"], jnp.floating):
-      return dataclasses.replace(self, dtype=eqn.params["new_dtype"])
-    moved = eqn.primitive.bind(self.materialize(), *others, **eqn.params)
+    """Follows casts, copies and transposes (the group axis moves with the
+    permutation); any other layout op dequantizes."""
+    name, params = eqn.primitive.name, eqn.params
+    if name == "convert_element_type" and jnp.issubdtype(
+        params["new_dtype"], jnp.floating):
+      return dataclasses.replace(self, dtype=params["new_dtype"])
+    if not rule.regroups and name != "convert_element_type":
+      perm = params.get("permutation", tuple(range(self.values.ndim)))
+      move = lambda a: None if a is None else jnp.transpose(a, perm)
+      return dataclasses.replace(
+          self, values=eqn.primitive.bind(self.values, *others, **params),
+          scale=move(self.scale), zero_point=move(self.zero_point),
+          group_dim=list(perm).index(self.group_dim))
+    moved = eqn.primitive.bind(self.materialize(), *others, **params)
     return DequantizedPayload(moved, GROUP_MOVED)
 
   def stackable(self, length):

@@ -134,12 +134,14 @@ class LayoutRule:
     scale: `(params, scale, in_shape, out_shape, others) -> scale or None`:
       the same op on a keepdims scale (size 1 on axes it does not vary
       over); None when the result cannot stay that small.
-    moves: whether the op moves elements (casts and copies do not).
+    regroups: whether the op changes which elements are neighbours along an
+      axis (casts, copies and transposes do not: per-group scales follow
+      them).
   """
 
   axes: Callable[..., AxisMap]
   scale: Callable
-  moves: bool = True
+  regroups: bool = True
 
   def __call__(self, eqn, invals, handler):
     tagged, others = invals[0], invals[1:]
@@ -151,12 +153,13 @@ class LayoutRule:
       return bind_plain(eqn, invals)
     axes = self.axes(eqn.params, tagged.axes, eqn.invars[0].aval.shape,
                      eqn.outvars[0].aval.shape)
-    return [Tagged(payload, tagged.path, axes, tagged.moved or self.moves)]
+    return [Tagged(payload, tagged.path, axes,
+                   tagged.regrouped or self.regroups)]
 
 
-def def_layout(name: str, *, axes, scale, moves: bool = True) -> None:
+def def_layout(name: str, *, axes, scale, regroups: bool = True) -> None:
   """A layout primitive, with both halves of following it (`LayoutRule`)."""
-  RULES[name] = LayoutRule(axes, scale, moves)
+  RULES[name] = LayoutRule(axes, scale, regroups)
 
 
 def layout_rule(name: str) -> LayoutRule | None:
@@ -227,13 +230,13 @@ def _stackable(v, length):
   """A tagged scan input whose payload can be sliced along axis 0."""
   if not isinstance(v, Tagged):
     return v
-  return Tagged(v.payload.stackable(length), v.path, v.axes, v.moved)
+  return Tagged(v.payload.stackable(length), v.path, v.axes, v.regrouped)
 
 
 def _unstack(v):
   if not isinstance(v, Tagged):
     return v
-  return Tagged(v.payload, v.path, v.axes[1:], v.moved)
+  return Tagged(v.payload, v.path, v.axes[1:], v.regrouped)
 
 
 def _while(eqn, invals, handler):

@@ -142,10 +142,11 @@ def _reshape_scale(params, scale, in_shape, out_shape, others):
 
 
 def_layout("convert_element_type", axes=_same_axes, scale=_same_scale,
-           moves=False)
+           regroups=False)
 for _copy in compat.COPY:
-  def_layout(_copy, axes=_same_axes, scale=_same_scale, moves=False)
-def_layout("transpose", axes=_transpose_axes, scale=_transpose_scale)
+  def_layout(_copy, axes=_same_axes, scale=_same_scale, regroups=False)
+def_layout("transpose", axes=_transpose_axes, scale=_transpose_scale,
+           regroups=False)
 def_layout("broadcast_in_dim", axes=_broadcast_axes, scale=_broadcast_scale)
 def_layout("squeeze", axes=_squeeze_axes, scale=_squeeze_scale)
 def_layout("reshape", axes=_reshape_axes, scale=_reshape_scale)

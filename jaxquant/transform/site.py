@@ -24,7 +24,8 @@ class Site:
   act_shape: tuple[int, ...]
   eqn_id: int  # id() of the jaxpr equation, to tell sites apart
   batch_groups: int = 1  # a convolution's batch_group_count
-  moved: bool = False  # the weight went through a non-cast layout op
+  # The weight went through a layout op other than a cast, copy or transpose.
+  regrouped: bool = False
 
   @property
   def act_index(self) -> int:
@@ -57,4 +58,4 @@ def find_site(eqn, invals) -> Site | None:
   return Site(invals[w].path, eqn.primitive.name, w, tuple(wc), tuple(wb),
               tuple(ac), tuple(ab), contracted, tuple(shapes[w]),
               tuple(shapes[a]), id(eqn),
-              eqn.params.get("batch_group_count", 1), invals[w].moved)
+              eqn.params.get("batch_group_count", 1), invals[w].regrouped)

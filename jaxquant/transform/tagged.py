@@ -45,8 +45,10 @@ class Tagged:
   payload: Any
   path: str = dataclasses.field(metadata=dict(static=True))
   axes: AxisMap = dataclasses.field(metadata=dict(static=True))
-  # Whether a layout op other than a cast or copy moved the elements.
-  moved: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  # Whether a layout op other than a cast, copy or transpose changed which
+  # elements are neighbours along an axis (per-group scales cannot follow).
+  regrouped: bool = dataclasses.field(default=False,
+                                      metadata=dict(static=True))
 
   def value(self) -> jax.Array:
     return self.payload.materialize()
