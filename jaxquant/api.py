@@ -139,6 +139,41 @@ def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
   if the act spec says granularity="tensor"); the matmul is
   `int8 x int8 -> int32` and the rescale follows it. Rules without `act`
   run weight-only: the weight is dequantized and the float matmul runs.
+
+  For a weight W ~ (q_w - z_w) s_w (s_w per output channel) and an
+  activation x ~ (q_x - z_x) s_x (s_x per row, or the static `QArray.act`
+  scale), with K the contraction size:
+
+    x . W ~ s_x s_w (q_x . q_w - z_x sum_k q_w - z_w sum_k q_x + K z_x z_w)
+
+  where q_x . q_w is one `int8 x int8 -> int32` dot (split along K where
+  the int32 sum could overflow) and the corrections vanish for symmetric
+  specs (z = 0). fp8 weights with fp8 activations run as a float32 dot of
+  fp8-rounded operands. Matmuls the engine cannot run quantized are
+  computed correctly in float; `jq.report` lists which, and why.
+
+  Args:
+    apply_fn: the model, `apply_fn(params, *args, **kwargs)`.
+    recipe: the `Recipe` the params were quantized with.
+
+  Returns:
+    A function with the signature of `apply_fn` that takes the output of
+    `quantize_params` as its params; wrap it in `jax.jit`. The model is
+    traced once per abstract signature.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jaxquant as jq
+    >>> model = nn.Dense(8)
+    >>> x = jax.random.normal(jax.random.key(1), (4, 64))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8(),
+    ...                             act=jq.int8())])
+    >>> qparams = jq.quantize_params(model.apply, params, recipe, x)
+    >>> qapply = jax.jit(jq.quantized_apply(model.apply, recipe))
+    >>> y = qapply(qparams, x)
+    >>> y.shape, bool(jq.sqnr_db(model.apply(params, x), y) > 30)   # dB
+    ((4, 8), True)
   """
   _check_recipe(recipe)
   engine.check_act_specs(recipe)
@@ -169,6 +204,36 @@ def fake_quant_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
   the same (model-read) specs as `quantize_params`; activations entering
   an int8 matmul are fake-quantized as `quantized_apply` quantizes them.
   Gradients follow the straight-through estimator (`jq.fake_quant`).
+
+  Forward, each quantized weight W becomes dequantize(quantize(W)), so the
+  outputs match `quantized_apply` up to float rounding; backward,
+  d fake_quant(W) / dW = 1 inside the clip range and 0 outside.
+
+  Args:
+    apply_fn: the model, `apply_fn(params, *args, **kwargs)`.
+    recipe: which weights (and activations) are fake-quantized.
+
+  Returns:
+    A function with the signature of `apply_fn`, taking float params;
+    differentiable and jittable.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jaxquant as jq
+    >>> model = nn.Dense(8)
+    >>> x = jax.random.normal(jax.random.key(1), (4, 64))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8(),
+    ...                             act=jq.int8())])
+    >>> qat_apply = jq.fake_quant_apply(model.apply, recipe)
+    >>> grads = jax.jit(jax.grad(lambda p: jnp.sum(qat_apply(p, x) ** 2)))(
+    ...     params)
+    >>> grads["params"]["kernel"].shape
+    (64, 8)
+    >>> qparams = jq.quantize_params(model.apply, params, recipe, x)
+    >>> y_int8 = jax.jit(jq.quantized_apply(model.apply, recipe))(qparams, x)
+    >>> bool(jnp.allclose(jax.jit(qat_apply)(params, x), y_int8, atol=1e-5))
+    True
   """
   _check_recipe(recipe)
   engine.check_act_specs(recipe)
@@ -192,11 +257,36 @@ def fake_quant_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
 @dataclasses.dataclass(frozen=True)
 class Report:
   """How each matmul of a model runs under `quantized_apply`: `mode` is
-  'int8', 'fp8', 'weight-only' or 'float', with the reason."""
+  'int8', 'fp8', 'weight-only' or 'float', with the reason.
+
+  Returned by `jq.report`; `print` it for a table (path, op, mode, weight
+  and act specs, shapes, note) with a summary line of the counts.
+
+  Attributes:
+    ops: one record per matmul, in evaluation order, with `path`,
+      `primitive`, `mode`, `reason`, `weight_shape`, `act_shape`,
+      `weight_spec` and `act_spec`. Matmuls with no parameter operand
+      (attention scores) have path '-' and mode 'float'.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jaxquant as jq
+    >>> model = nn.Dense(8)
+    >>> x = jnp.ones((4, 64))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel",
+    ...                             weight=jq.int4(group_size=16))])
+    >>> rep = jq.report(model.apply, params, recipe, x)
+    >>> [(op.path, op.mode, op.weight_spec) for op in rep.ops]
+    [('params/kernel', 'weight-only', 'int4/g16')]
+    >>> rep.count("weight-only"), str(rep).splitlines()[-1]
+    (1, '0 int8, 1 weight-only, 0 float')
+  """
 
   ops: tuple[engine.OpRecord, ...]
 
   def count(self, mode: str) -> int:
+    """The number of matmuls that run in `mode` ('int8', 'fp8', ...)."""
     return sum(op.mode == mode for op in self.ops)
 
   def __str__(self):
@@ -220,6 +310,32 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
   or already quantized. Nothing is computed: the model is traced abstractly.
   For calibrated activation ranges print `stats.table()`; for per-layer
   SQNR and figures see `jq.layer_report`.
+
+  Args:
+    apply_fn: the model, `apply_fn(params, *args, **model_kwargs)`.
+    params: float params, or the output of `quantize_params`.
+    recipe: the `Recipe`.
+    *args: example inputs; only their shapes and dtypes are used.
+    model_kwargs: keyword arguments of `apply_fn`.
+
+  Returns:
+    A `Report`, one record per matmul; `print` it for a table.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> def mlp(p, x):                        # any JAX function of params
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> params = {"w1": jnp.ones((16, 32)), "w2": jnp.ones((32, 4))}
+    >>> x = jnp.ones((4, 16))
+    >>> recipe = jq.Recipe([
+    ...     jq.Rule("w1", weight=jq.int4()),                 # weight-only
+    ...     jq.Rule("w2", weight=jq.int8(), act=jq.int8()),  # W8A8
+    ... ])
+    >>> rep = jq.report(mlp, params, recipe, x)
+    >>> [(op.path, op.mode) for op in rep.ops]
+    [('w1', 'weight-only'), ('w2', 'int8')]
+    >>> rep.count("int8"), rep.count("float")
+    (1, 0)
   """
   _check_recipe(recipe)
   kwargs = dict(model_kwargs or {})

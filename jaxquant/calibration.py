@@ -47,6 +47,23 @@ class Stats:
     depth: (path, number of enclosing `scan`s) pairs (static).
     param_shapes: (path, shape) of every parameter leaf of the model
       (static), to check that quantized params belong to this model.
+
+  Built by `jq.calibrate` or `jq.calibration(...).init`; passed to
+  `jq.quantize_params(..., stats=stats)` for static activation scales.
+  `jq.save(path, stats)` writes it; `jq.load(path, like=cal.init(params,
+  x))` reads it back.
+
+  Example:
+    >>> def mlp(p, x):
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> params = {"w1": jnp.ones((4, 3)), "w2": jnp.ones((3, 2))}
+    >>> x = jnp.array([[1.0, 2.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    >>> recipe = jq.Recipe([jq.Rule(".*", weight=jq.int8(), act=jq.int8())])
+    >>> stats = jq.calibrate(mlp, params, recipe, [x, 2 * x], progress=False)
+    >>> int(stats.num_batches), sorted(stats.states)
+    (2, ['w1', 'w2'])
+    >>> [float(v) for v in stats.act_range("w2")]   # relu(x @ w1): 0 .. 6
+    [0.0, 6.0]
   """
 
   states: dict[str, Any]
@@ -56,7 +73,10 @@ class Stats:
   param_shapes: tuple = dataclasses.field(metadata=dict(static=True))
 
   def act_range(self, path: str):
-    """(lo, hi) for the activation of `path`: shape () or (layers,)."""
+    """(lo, hi) for the activation of `path`: shape () or (layers,).
+
+    The observer's finalized range; a weight stacked by `nn.scan` gets one
+    range per layer."""
     lo, hi = dict(self.observers)[path].finalize(self.states[path])
     keep = lo.shape[:dict(self.depth)[path]]
     return lo.reshape(keep), hi.reshape(keep)
@@ -82,7 +102,26 @@ class Stats:
 
 @dataclasses.dataclass(frozen=True)
 class RangeTable:
-  """`stats.table()`: (path, lo, hi, ranges kept) rows, printable."""
+  """`stats.table()`: (path, lo, hi, ranges kept) rows, printable.
+
+  Attributes:
+    rows: (path, lo, hi, number of ranges) per observed weight; lo / hi are
+      the min / max over the layers of a scanned weight.
+    num_batches: batches observed.
+
+  Example:
+    >>> def mlp(p, x):
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> params = {"w1": jnp.ones((4, 3)), "w2": jnp.ones((3, 2))}
+    >>> x = jnp.array([[1.0, 2.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    >>> recipe = jq.Recipe([jq.Rule(".*", weight=jq.int8(), act=jq.int8())])
+    >>> stats = jq.calibrate(mlp, params, recipe, [x, 2 * x], progress=False)
+    >>> print(stats.table())
+    layer  act min  act max  ranges
+    w1     -2       4        1
+    w2     0        6        1
+    (2 batches observed)
+  """
 
   rows: tuple[tuple[str, float, float, int], ...]
   num_batches: int
@@ -100,6 +139,20 @@ class Calibration(NamedTuple):
     init: `(params, *batch) -> Stats` with empty observer states; the batch
       gives shapes only.
     update: `(stats, params, *batch) -> Stats`, pure and jittable.
+
+  Example:
+    >>> def mlp(p, x):
+    ...   return jnp.maximum(x @ p["w1"], 0.0) @ p["w2"]
+    >>> params = {"w1": jnp.ones((4, 3)), "w2": jnp.ones((3, 2))}
+    >>> x = jnp.array([[1.0, 2.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    >>> recipe = jq.Recipe([jq.Rule(".*", weight=jq.int8(), act=jq.int8())])
+    >>> init, update = jq.calibration(mlp, recipe)     # a NamedTuple pair
+    >>> stats = init(params, x)                        # x: shapes only
+    >>> step = jax.jit(update)
+    >>> for batch in (x, -x):
+    ...   stats = step(stats, params, batch)
+    >>> [float(v) for v in stats.act_range("w1")]
+    [-2.0, 2.0]
   """
 
   init: Callable[..., Stats]

@@ -93,7 +93,30 @@ def save(path: str | os.PathLike, tree) -> None:
   Dicts, lists, tuples, NamedTuples and None load back by themselves;
   other nodes (Equinox modules, NNX `State`s, registered classes) load
   with `like=`. Leaves: arrays (PRNG keys too), `QArray`s, bool, int,
-  float, str.
+  float, str. The file is written to a temporary name and renamed into
+  place; no pickle, so loading runs no code (see the module docstring for
+  the format).
+
+  Args:
+    path: the file to write (replaced if it exists).
+    tree: the pytree, e.g. `qparams` from `jq.quantize_params` or `Stats`.
+
+  Returns:
+    None.
+
+  Raises:
+    ValueError: for a tree it cannot encode (e.g. dict keys that are not
+      str or int, or an unsupported leaf).
+
+  Example:
+    >>> import os, tempfile
+    >>> qparams = {"kernel": jq.quantize(jnp.ones((16, 8)), jq.int4()),
+    ...            "bias": jnp.zeros(8)}
+    >>> path = os.path.join(tempfile.mkdtemp(), "qparams.jq")
+    >>> jq.save(path, qparams)
+    >>> restored = jq.load(path)
+    >>> restored["kernel"], jq.nbytes(restored) == jq.nbytes(qparams)
+    (QArray(int4/ch, shape=(16, 8), dtype=float32, nbytes=96), True)
   """
   leaves: dict[str, Any] = {}
   tree_header = _describe(tree, (), (), leaves, {})
@@ -339,6 +362,30 @@ def load(path: str | os.PathLike, like=None):
   `State`s) as `like` has them. Without it, NamedTuples load as NamedTuples
   of the same name and fields. Arrays load as `jax.Array`s, except 64-bit
   ones while jax runs 32-bit: those stay NumPy arrays rather than lose bits.
+
+  Args:
+    path: a file written by `jq.save`.
+    like: optional, a tree of the expected structure; needed for custom
+      pytree nodes.
+
+  Returns:
+    The tree.
+
+  Raises:
+    ValueError: naming the file, for a corrupt file (checksum included) or
+      one that does not match `like`; no half-built tree is returned.
+
+  Example:
+    >>> import collections, os, tempfile
+    >>> State = collections.namedtuple("State", "step w")
+    >>> path = os.path.join(tempfile.mkdtemp(), "state.jq")
+    >>> jq.save(path, State(step=3, w=jnp.arange(3.0)))
+    >>> jq.load(path)                     # a NamedTuple of the same fields
+    State(step=3, w=Array([0., 1., 2.], dtype=float32))
+    >>> jq.load(path, like=State(0, jnp.zeros(4)))
+    Traceback (most recent call last):
+    ...
+    ValueError: ... w: the file holds a float32 array of shape (3,), ...
   """
   like = _ABSENT if like is None else like
   try:

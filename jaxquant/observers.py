@@ -173,6 +173,17 @@ def _init_shape(example, axes):
 def minmax(axes=None) -> Observer:
   """Running minimum and maximum: lo = min over all batches, hi = max.
 
+    lo = min_t min(x_t),   hi = max_t max(x_t)
+
+  Args:
+    axes: None for one range per tensor, or the axes that keep their own
+      range (e.g. `(-1,)` per output channel); checked against the rank at
+      `init`.
+
+  Returns:
+    An `Observer` whose `finalize` gives `(lo, hi)`, float32, size 1 on
+    reduced axes.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from jaxquant import observers
@@ -194,6 +205,15 @@ def ema_minmax(decay: float = 0.99, axes=None) -> Observer:
 
   and the same for hi with max. The first batch initialises the averages
   (no bias towards zero).
+
+  Args:
+    decay: d in [0, 1); 0 keeps only the last batch's range.
+    axes: None for one range per tensor, or the axes that keep their own
+      range (e.g. `(-1,)` per output channel); checked against the rank at
+      `init`.
+
+  Returns:
+    An `Observer` whose `finalize` gives the averaged `(lo, hi)`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -383,6 +403,17 @@ def percentile(percent: float = 99.99, bins: int = 2048, axes=None,
   width (see `_quantile`); percent=100 gives the exact min / max. See the
   module docstring for how the histogram widens.
 
+  Args:
+    percent: p in (0, 100].
+    bins: histogram bins per channel (>= 2).
+    axes: None for one range per tensor, or the axes that keep their own
+      range (e.g. `(-1,)` per output channel); checked against the rank at
+      `init`.
+    symmetric: a range (-c, c) from |x|, or the central p percent of x.
+
+  Returns:
+    An `Observer` whose `finalize` gives `(lo, hi)`.
+
   Example:
     >>> import numpy as np
     >>> from jaxquant import observers
@@ -525,6 +556,18 @@ def mse(spec: QuantSpec, bins: int = 2048, candidates: int = 100,
                         step is (hi - lo) / (qmax - qmin)
   Rounding is taken as round-to-nearest, also for a stochastic spec.
 
+  Args:
+    spec: the `QuantSpec` the range is for (its grid, sign and symmetry;
+      its granularity is not used: `axes` decides).
+    bins: histogram bins per channel (>= 2).
+    candidates: K, the number of shrunk ranges tried.
+    axes: None for one range per tensor, or the axes that keep their own
+      range (e.g. `(-1,)` per output channel); checked against the rank at
+      `init`.
+
+  Returns:
+    An `Observer` whose `finalize` gives the best `(lo, hi)` per channel.
+
   Example:
     >>> import jax, jaxquant as jq
     >>> from jaxquant import observers
@@ -560,7 +603,25 @@ def from_name(name: str, **kwargs) -> Observer:
   """`from_name("percentile", percent=99.9)` == `percentile(percent=99.9)`.
 
   Names: "minmax", "ema" (or "ema_minmax"), "percentile", "mse" (needs
-  `spec=`).
+  `spec=`). `jq.calibrate(..., observer=name, observer_options=kwargs)`
+  builds its observers this way.
+
+  Args:
+    name: the observer's name (ValueError for any other).
+    **kwargs: the keyword arguments of its constructor.
+
+  Returns:
+    The `Observer`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxquant import observers
+    >>> obs = observers.from_name("ema", decay=0.5)
+    >>> s = obs.init(jnp.zeros(2))
+    >>> for x in ([0.0, 4.0], [-2.0, 2.0]):
+    ...   s = obs.update(s, jnp.array(x))
+    >>> [float(v[0]) for v in obs.finalize(s)]   # (0 + -2) / 2, (4 + 2) / 2
+    [-1.0, 3.0]
   """
   if name not in _NAMES:
     raise ValueError(f"unknown observer {name!r}; use one of "

@@ -32,6 +32,27 @@ class ActQuant:
   From calibration (`jq.quantize_params(..., stats=...)`) or a fixed act
   clip: a per-tensor `scale` of shape () or, for `nn.scan`-stacked weights,
   (layers,); `zero_point` (None when `spec` is symmetric); the act `spec`.
+  `quantized_apply` quantizes the activation as
+  q = clip(round(x / scale + zero_point), qmin, qmax) instead of reducing
+  over it at run time. Stored as `QArray.act`; a pytree (spec static).
+
+  Attributes:
+    scale: float32, shape () or (layers,).
+    zero_point: float32 like `scale`, or None for a symmetric spec.
+    spec: the activation `QuantSpec`, per tensor, without a clip.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jaxquant as jq
+    >>> model = nn.Dense(8)
+    >>> x = jnp.ones((2, 64))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8(),
+    ...                             act=jq.int8(clip=(-2.0, 2.0)))])
+    >>> qparams = jq.quantize_params(model.apply, params, recipe, x)
+    >>> act = qparams["params"]["kernel"].act
+    >>> round(float(act.scale) * 127, 6), act.zero_point, act.spec.short()
+    (2.0, None, 'int8/t')
   """
 
   scale: jax.Array
@@ -50,6 +71,17 @@ class ActQuant:
 @dataclasses.dataclass(frozen=True)
 class QArray:
   """A quantized tensor. Build it with `quantize`, read it with `dequantize`.
+
+  Attributes:
+    values: the stored codes: int8 / uint8, float8 for fp8, or uint8 bytes
+      holding packed codes for widths below 8 bits.
+    scale: float32, the rank of the tensor (size 1 on reduced axes; the
+      number of groups on the group axis).
+    zero_point: float32 like `scale`, or None when symmetric.
+    spec: the `QuantSpec`, with its axes resolved (static).
+    shape: the logical shape (static).
+    dtype: the dtype `dequantize` returns (static).
+    act: an `ActQuant` for static activation quantization, or None.
 
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
@@ -99,6 +131,7 @@ class QArray:
     return numerics.decode(self.int_values(), self.spec)
 
   def dequantize(self) -> jax.Array:
+    """`jq.dequantize(self)`: the float tensor, shape `shape`, in `dtype`."""
     return dequantize(self)
 
   def __repr__(self):
@@ -122,6 +155,32 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
     value_range: optional `(lo, hi)` (e.g. from calibration), broadcastable
       to the scale; overrides the data range and `spec.clip`.
     where: a name for error messages (the parameter path).
+
+  Returns:
+    A `QArray`. Per scale block, with [lo, hi] the block's range
+    (`value_range`, else a tuple `spec.clip`, else the data's
+    [-absmax, absmax] when symmetric and [min, max] when not), an integer
+    spec stores
+
+      symmetric:   s = max(-lo, hi) / qmax,
+                   q = clip(round(x / s), qmin, qmax)
+      asymmetric:  s = (hi - lo) / (qmax - qmin),  z = qmin - lo / s,
+                   q = clip(round(x / s + z), qmin, qmax)
+
+    so that with round-to-nearest |dequantize(q) - x| <= s / 2 inside the
+    range. fp8 and nf4 take the symmetric scale with their grid max as qmax
+    and encode x / s (see `jaxquant.formats`).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> x = jnp.array([[0.5, -1.0], [0.25, 2.0]])
+    >>> q = jq.quantize(x, jq.int8(granularity="tensor"))
+    >>> q
+    QArray(int8/t, shape=(2, 2), dtype=float32, nbytes=8)
+    >>> q.values.tolist(), round(float(q.scale[0, 0]) * 127, 6)
+    ([[32, -64], [16, 127]], 2.0)
+    >>> bool(jnp.all(jnp.abs(q.dequantize() - x) <= q.scale / 2))
+    True
   """
   x, spec, key = _checked(x, spec, key, where)
   return _quantize(x, spec, key, value_range)
@@ -181,7 +240,27 @@ def _scale_shape(view_shape, spec):
 
 
 def dequantize(q: QArray) -> jax.Array:
-  """The float tensor `(values - zero_point) * scale`, in `q.dtype`."""
+  """The float tensor `(values - zero_point) * scale`, in `q.dtype`.
+
+  Packed codes are unpacked first; per-group scales apply to each group of
+  `group_size` elements; fp8 codes and nf4 code values stand in for the
+  integer values (see `QArray.grid_values`).
+
+  Args:
+    q: a `QArray`.
+
+  Returns:
+    An array of shape `q.shape` and dtype `q.dtype`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> q = jq.quantize(jnp.array([-1.0, 0.0, 1.0, 3.0]),
+    ...                 jq.uint8(granularity="tensor"))
+    >>> q.values.tolist()
+    [0, 64, 127, 255]
+    >>> [round(v, 3) for v in jq.dequantize(q).tolist()]
+    [-1.0, 0.004, 0.992, 3.0]
+  """
   values = q.grid_values()
   if q.spec.granularity != "group":
     return numerics.dequantize_with_scale(values, q.scale, q.zero_point,
@@ -202,6 +281,26 @@ def fake_quant(x, spec: QuantSpec, *, key=None, value_range=None,
   NaN, an inf saturates against a fixed `clip` / `value_range`. The
   gradient is 1 for elements inside the representable range of their scale
   block and 0 for clipped ones (see `numerics.fake_quant_with_scale`).
+
+  Args:
+    x: a float array.
+    spec: the `QuantSpec`, as for `quantize`.
+    key: PRNG key, required for `rounding="stochastic"`.
+    value_range: optional `(lo, hi)`, overriding the data range and
+      `spec.clip`.
+    where: a name for error messages.
+
+  Returns:
+    An array like `x`, every element on the grid of its block.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxquant as jq
+    >>> spec = jq.int8(granularity="tensor", clip=(-0.5, 0.5))
+    >>> x = jnp.array([0.3, -0.7, 1.0, 0.05])
+    >>> [round(v, 4) for v in jq.fake_quant(x, spec).tolist()]
+    [0.2992, -0.5, 0.5, 0.0512]
+    >>> jax.grad(lambda v: jq.fake_quant(v, spec).sum())(x).tolist()
+    [1.0, 0.0, 0.0, 1.0]
   """
   x, spec, key = _checked(x, spec, key, where)
   view = numerics.grouped(x, spec) if spec.granularity == "group" else x

@@ -37,6 +37,15 @@ class Rule:
     weight: spec for the parameter, or None to keep it in float.
     act: spec for the activation multiplied with it (None: weight-only).
     optional: if False, a rule that matches nothing is an error.
+
+  A bad pattern (not a str, not a regex) or spec raises ValueError at
+  construction, as does `act=` without `weight=`.
+
+  Example:
+    >>> import jaxquant as jq
+    >>> rule = jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8())
+    >>> rule.matches("params/Dense_0/kernel"), rule.matches("params/bias")
+    (True, False)
   """
 
   pattern: str
@@ -68,12 +77,39 @@ class Rule:
           "quantize the weight too (e.g. weight=jq.int8()) or drop act")
 
   def matches(self, path: str) -> bool:
+    """Whether `pattern` fully matches the '/'-joined `path`."""
     return re.fullmatch(self.pattern, path) is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """An ordered tuple of `Rule`s; the first rule matching a path wins."""
+  """An ordered tuple of `Rule`s; the first rule matching a path wins.
+
+  Paths no rule matches stay float. Model-level functions
+  (`jq.quantize_params`, `jq.calibrate`, ...) raise ValueError for a
+  non-optional rule that decides no parameter (see `check_used`).
+
+  Args:
+    rules: an iterable of `Rule`s (ValueError for anything else).
+
+  Example:
+    >>> import jaxquant as jq
+    >>> recipe = jq.Recipe([
+    ...     jq.Rule(r".*Dense_0/kernel", weight=jq.int4(group_size=32)),
+    ...     jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8()),
+    ... ])
+    >>> recipe.weight_spec("params/Dense_0/kernel").short()
+    'int4/g32'
+    >>> recipe.match("params/Dense_1/kernel").act.short()
+    'int8/ch'
+    >>> recipe.match("params/Dense_1/bias") is None     # stays float
+    True
+    >>> print(recipe)
+    Recipe([
+      Rule('.*Dense_0/kernel', weight=int4/g32, act=float),
+      Rule('.*kernel', weight=int8/ch, act=int8/ch)
+    ])
+  """
 
   rules: tuple[Rule, ...]
 
@@ -85,6 +121,7 @@ class Recipe:
     object.__setattr__(self, "rules", rules)
 
   def match(self, path: str) -> Rule | None:
+    """The first rule whose pattern fully matches `path`, or None."""
     index = self._first(path)
     return None if index is None else self.rules[index]
 
@@ -94,6 +131,7 @@ class Recipe:
                 None)
 
   def weight_spec(self, path: str) -> QuantSpec | None:
+    """The weight spec of `path`'s rule; None to keep it float."""
     rule = self.match(path)
     return None if rule is None else rule.weight
 

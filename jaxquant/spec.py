@@ -54,14 +54,44 @@ FLOAT32_MAX = 3.4028234663852886e38
 class QuantSpec:
   """How to quantize one tensor. See the module docstring for the math.
 
+  With b = `bits`, an integer spec stores codes q on the grid
+  [qmin, qmax] (signed symmetric: [-(2^(b-1) - 1), 2^(b-1) - 1]; signed
+  asymmetric: [-2^(b-1), 2^(b-1) - 1]; unsigned: [0, 2^b - 1]) and
+  represents x as (q - z) * s, one scale s (and zero point z) per block.
+
   Fields are type-checked (a ValueError names the field): `signed` and
   `symmetric` are bools; `bits`, `group_size`, `group_axis` and each of
-  `channel_axes` are ints (not bools; NumPy ints are converted).
+  `channel_axes` are ints (not bools; NumPy ints are converted). Invalid
+  combinations (bits outside [2, 8], a group granularity without a group
+  size, ...) raise ValueError too. The shorthands `jq.int8()`, `jq.uint8()`,
+  `jq.int4()`, `jq.int3()`, `jq.int2()`, `jq.fp8_e4m3()`, `jq.fp8_e5m2()`
+  and `jq.nf4()` build the common specs.
+
+  Args:
+    bits: bits per stored value, 2 to 8 (8 for fp8, 4 for nf4).
+    signed: signed codes; False gives the unsigned grid [0, 2^b - 1].
+    symmetric: zero maps to code 0 (no zero point); False stores a zero
+      point per block and uses the full range [min, max] of the block.
+    granularity: "tensor", "channel" or "group" (which elements share one
+      scale).
+    channel_axes: the axes that keep their own scale for "channel"; None
+      infers them (from the model in `jq.quantize_params`, else the last
+      axis).
+    group_size: elements per group for "group" (must divide the axis).
+    group_axis: the axis groups run along; None infers it (the contraction
+      axis in `jq.quantize_params`, else axis -2).
+    rounding: "nearest", or "stochastic" (needs a PRNG key).
+    clip: None (each block's own range), a fixed range `(lo, hi)`, or "mse"
+      (per block, the shrunk range with the least squared error).
+    format: "int", "fp8_e4m3", "fp8_e5m2" or "nf4".
 
   Example:
     >>> import jaxquant as jq
-    >>> jq.QuantSpec(bits=4, granularity="group", group_size=32)
+    >>> spec = jq.QuantSpec(bits=4, granularity="group", group_size=32)
+    >>> spec
     QuantSpec(bits=4, ..., group_size=32, ...)
+    >>> spec.qmin, spec.qmax, spec.short()
+    (-7, 7, 'int4/g32')
   """
 
   bits: int = 8
@@ -95,6 +125,8 @@ class QuantSpec:
 
   @property
   def qmin(self) -> int | float:
+    """Smallest value on the grid: an integer code, or -grid max for the
+    float formats (-448, -57344, -1)."""
     if self.format != "int":
       return -formats.grid_max(self.format)
     if not self.signed:
@@ -104,6 +136,8 @@ class QuantSpec:
 
   @property
   def qmax(self) -> int | float:
+    """Largest value on the grid: an integer code, or the grid max for the
+    float formats (448, 57344, 1)."""
     if self.format != "int":
       return formats.grid_max(self.format)
     return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
@@ -221,28 +255,119 @@ def _shorthand(bits: int, signed: bool, group_size: int | None, **kwargs):
 
 
 def int8(group_size: int | None = None, **kwargs) -> QuantSpec:
-  """Signed symmetric 8-bit, per-channel unless told otherwise."""
+  """Signed symmetric 8-bit, per-channel unless told otherwise.
+
+  Codes q in [-127, 127] (narrow range: 0 is exact and -q is on the grid),
+  x ~ q * s with s = absmax / 127 per block.
+
+  Args:
+    group_size: if given, one scale per run of `group_size` elements along
+      the group axis (granularity "group"); else per channel.
+    **kwargs: any other `QuantSpec` field, e.g. `granularity="tensor"`,
+      `clip=(-3.0, 3.0)`, `rounding="stochastic"`.
+
+  Returns:
+    The `QuantSpec`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> jq.int8().short(), jq.int8(group_size=64).short()
+    ('int8/ch', 'int8/g64')
+    >>> q = jq.quantize(jnp.array([[0.5, -1.0], [0.25, 2.0]]), jq.int8())
+    >>> q.values.tolist()           # per column: absmax -> 127
+    [[127, -64], [64, 127]]
+  """
   return _shorthand(8, True, group_size, **kwargs)
 
 
 def uint8(group_size: int | None = None, **kwargs) -> QuantSpec:
-  """Unsigned asymmetric 8-bit (e.g. activations after ReLU)."""
+  """Unsigned asymmetric 8-bit (e.g. activations after ReLU).
+
+  Codes q in [0, 255] on the block's range [lo, hi]:
+  s = (hi - lo) / 255, x ~ (q - z) * s with zero point z = -lo / s.
+
+  Args:
+    group_size: if given, one scale per run of `group_size` elements along
+      the group axis (granularity "group"); else per channel.
+    **kwargs: any other `QuantSpec` field, e.g. `granularity="tensor"`,
+      `clip=(0.0, 6.0)`, `rounding="stochastic"`.
+
+  Returns:
+    The `QuantSpec`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> spec = jq.uint8(granularity="tensor")
+    >>> spec.qmin, spec.qmax, spec.symmetric
+    (0, 255, False)
+    >>> jq.quantize(jnp.array([0.0, 1.0, 2.0, 3.0]), spec).values.tolist()
+    [0, 85, 170, 255]
+  """
   kwargs.setdefault("symmetric", False)
   return _shorthand(8, False, group_size, **kwargs)
 
 
 def int4(group_size: int | None = None, **kwargs) -> QuantSpec:
-  """Signed symmetric 4-bit, stored two per byte."""
+  """Signed symmetric 4-bit, stored two per byte.
+
+  Codes q in [-7, 7], s = absmax / 7 per block; usually per group
+  (`group_size=32` to `128`) for weight-only quantization.
+
+  Args:
+    group_size: if given, one scale per run of `group_size` elements along
+      the group axis (granularity "group"); else per channel.
+    **kwargs: any other `QuantSpec` field, e.g. `granularity="tensor"`,
+      `clip=(-3.0, 3.0)`, `rounding="stochastic"`.
+
+  Returns:
+    The `QuantSpec`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> w = jnp.linspace(-1, 1, 64 * 8).reshape(64, 8)
+    >>> q = jq.quantize(w, jq.int4(group_size=32))
+    >>> q.values.shape, q.scale.shape   # packed 2 per byte; 2 groups of 32
+    ((64, 4), (2, 8))
+  """
   return _shorthand(4, True, group_size, **kwargs)
 
 
 def int3(group_size: int | None = None, **kwargs) -> QuantSpec:
-  """Signed symmetric 3-bit ({-3..3}), eight values in three bytes."""
+  """Signed symmetric 3-bit ({-3..3}), eight values in three bytes.
+
+  Codes q in [-3, 3], s = absmax / 3 per block.
+
+  Args:
+    group_size: if given, one scale per run of `group_size` elements along
+      the group axis (granularity "group"); else per channel.
+    **kwargs: any other `QuantSpec` field, e.g. `granularity="tensor"`,
+      `clip=(-3.0, 3.0)`, `rounding="stochastic"`.
+
+  Returns:
+    The `QuantSpec`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> w = jnp.linspace(-1, 1, 64 * 8).reshape(64, 8)
+    >>> q = jq.quantize(w, jq.int3())
+    >>> q.values.shape, sorted(set(q.int_values().ravel().tolist()))
+    ((64, 3), [-3, -2, -1, 0, 1, 2, 3])
+  """
   return _shorthand(3, True, group_size, **kwargs)
 
 
 def fp8_e4m3(**kwargs) -> QuantSpec:
   """8-bit float, 4 exponent and 3 mantissa bits (max 448), per channel.
+
+  s = absmax / 448 per block; the stored code is float8_e4m3fn(x / s)
+  (round to nearest even).
+
+  Args:
+    **kwargs: other `QuantSpec` fields, e.g. `granularity="tensor"`,
+      `group_size=` with `granularity="group"`, `clip=`.
+
+  Returns:
+    The `QuantSpec` (`format="fp8_e4m3"`, bits=8).
 
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
@@ -255,18 +380,75 @@ def fp8_e4m3(**kwargs) -> QuantSpec:
 
 
 def fp8_e5m2(**kwargs) -> QuantSpec:
-  """8-bit float, 5 exponent and 2 mantissa bits (max 57344), per channel."""
+  """8-bit float, 5 exponent and 2 mantissa bits (max 57344), per channel.
+
+  s = absmax / 57344 per block; the stored code is float8_e5m2(x / s)
+  (round to nearest even): more range, less precision than e4m3.
+
+  Args:
+    **kwargs: other `QuantSpec` fields, e.g. `granularity="tensor"`,
+      `group_size=` with `granularity="group"`, `clip=`.
+
+  Returns:
+    The `QuantSpec` (`format="fp8_e5m2"`, bits=8).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> q = jq.quantize(jnp.array([[1.0, -0.1]]), jq.fp8_e5m2(
+    ...     granularity="tensor"))
+    >>> q.values.dtype, q.dequantize().tolist()
+    (dtype(float8_e5m2), [[1.0, -0.1071428656578064]])
+  """
   return QuantSpec(bits=8, format="fp8_e5m2", **kwargs)
 
 
 def nf4(group_size: int | None = 64, **kwargs) -> QuantSpec:
   """4-bit normal-float codebook (QLoRA), per group of 64 by default;
-  weight-only. Stored two per byte."""
+  weight-only. Stored two per byte.
+
+  s = absmax per block; the code is the index i of the nearest of the 16
+  NF4 values (normal quantiles in [-1, 1], `jaxquant.formats.NF4`) to
+  x / s, and x ~ NF4[i] * s.
+
+  Args:
+    group_size: elements per group (granularity "group"); None for one
+      scale per channel (or per tensor with `granularity="tensor"`).
+    **kwargs: other `QuantSpec` fields, e.g. `group_axis=`.
+
+  Returns:
+    The `QuantSpec` (`format="nf4"`, bits=4).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> w = jnp.linspace(-1, 1, 64 * 8).reshape(64, 8)
+    >>> q = jq.quantize(w, jq.nf4())
+    >>> q, q.values.shape, q.scale.shape   # 4-bit indices, packed 2 per byte
+    (QArray(nf4/g64, shape=(64, 8), dtype=float32, nbytes=288), (64, 4), (1, 8))
+  """
   if group_size is not None:
     kwargs.setdefault("granularity", "group")
   return QuantSpec(bits=4, format="nf4", group_size=group_size, **kwargs)
 
 
 def int2(group_size: int | None = None, **kwargs) -> QuantSpec:
-  """Signed symmetric 2-bit ({-1, 0, 1}), stored four per byte."""
+  """Signed symmetric 2-bit ({-1, 0, 1}), stored four per byte.
+
+  Codes q in [-1, 1], s = absmax per block (x ~ q * s: ternary weights).
+
+  Args:
+    group_size: if given, one scale per run of `group_size` elements along
+      the group axis (granularity "group"); else per channel.
+    **kwargs: any other `QuantSpec` field, e.g. `granularity="tensor"`,
+      `clip=(-3.0, 3.0)`, `rounding="stochastic"`.
+
+  Returns:
+    The `QuantSpec`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> w = jnp.linspace(-1, 1, 64 * 8).reshape(64, 8)
+    >>> q = jq.quantize(w, jq.int2())
+    >>> q.values.shape, sorted(set(q.int_values().ravel().tolist()))
+    ((64, 2), [-1, 0, 1])
+  """
   return _shorthand(2, True, group_size, **kwargs)

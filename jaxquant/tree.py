@@ -68,6 +68,17 @@ def quantize_tree(params, recipe: Recipe, *, key=None):
   (channels last, groups along axis -2); `jq.quantize_params` reads them
   from the model instead. Non-float leaves are left alone.
 
+  Args:
+    params: a pytree of float arrays (other leaves are kept as they are).
+    recipe: a `Recipe`; a leaf's '/'-joined path picks its rule (the first
+      that fully matches). A non-optional rule that decides no path raises
+      ValueError, as does a path that cannot be quantized with its spec.
+    key: a PRNG key, needed by rules with `rounding="stochastic"`.
+
+  Returns:
+    `params` with a `QArray` in place of every float leaf whose rule has a
+    weight spec.
+
   Example:
     >>> params = {"dense": {"kernel": jnp.ones((16, 4)), "bias": jnp.zeros(4)}}
     >>> recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8()),
@@ -77,7 +88,8 @@ def quantize_tree(params, recipe: Recipe, *, key=None):
     ((1, 4), (4,))
   """
   paths = leaves_with_paths(params)
-  floats = [p for p, leaf in paths if is_float_array(leaf)]
+  floats = [p for p, leaf in paths
+            if is_float_array(leaf) and not is_qarray(leaf)]
   recipe.check_used(floats, [p for p, _ in paths])
   keys = iter(jax.random.split(key, len(paths))) if key is not None else None
 
@@ -85,21 +97,57 @@ def quantize_tree(params, recipe: Recipe, *, key=None):
     path = path_str(keypath)
     leaf_key = next(keys) if keys is not None else None
     spec = recipe.weight_spec(path)
-    if spec is None or not is_float_array(leaf):
-      return leaf
+    if spec is None or not is_float_array(leaf) or is_qarray(leaf):
+      return leaf  # already quantized leaves are left as they are
     return quantize(leaf, spec, key=leaf_key, where=path)
 
   return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
 
 
 def dequantize_tree(tree):
-  """Replaces every `QArray` leaf by its dequantized float array."""
+  """Replaces every `QArray` leaf by its dequantized float array.
+
+  Args:
+    tree: a pytree, e.g. from `quantize_tree` or `jq.quantize_params`.
+
+  Returns:
+    The same structure with `q.dequantize()` in place of every `QArray` q
+    (shape `q.shape`, dtype `q.dtype`); other leaves unchanged.
+
+  Example:
+    >>> w = jnp.linspace(-1.0, 1.0, 32).reshape(8, 4)
+    >>> q = jq.quantize_tree({"kernel": w},
+    ...                      jq.Recipe([jq.Rule(".*", weight=jq.int4())]))
+    >>> w_hat = jq.dequantize_tree(q)["kernel"]
+    >>> w_hat.shape, bool(jnp.all(jnp.abs(w_hat - w) <= q["kernel"].scale / 2))
+    ((8, 4), True)
+  """
   return jax.tree_util.tree_map(
       lambda x: x.dequantize() if is_qarray(x) else x, tree, is_leaf=is_qarray)
 
 
 def nbytes(tree) -> int:
-  """Total bytes of a pytree's arrays; a `QArray` counts its packed storage."""
+  """Total bytes of a pytree's arrays; a `QArray` counts its packed storage.
+
+  A `QArray` counts its values, scales and zero points (and its static
+  activation scale and zero point); any other leaf with a shape and dtype counts
+  size * itemsize; Python scalars count 0.
+
+  Args:
+    tree: any pytree.
+
+  Returns:
+    The number of bytes, an int.
+
+  Example:
+    >>> w = jnp.ones((4, 8))
+    >>> jq.nbytes({"w": w})                                 # 32 float32
+    128
+    >>> jq.nbytes({"w": jq.quantize(w, jq.int8())})         # 32 + 8 scales
+    64
+    >>> jq.nbytes({"w": jq.quantize(w, jq.int4())})         # 16 + 8 scales
+    48
+  """
   total = 0
   for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray):
     if is_qarray(leaf):
