@@ -353,7 +353,9 @@ def sensitivity(apply_fn: Callable, params, recipe: Recipe, *args,
   drops = {}
   for path in specs:
     if all_but_one:
-      rules = [Rule(re.escape(path), weight=None)] + list(recipe.rules)
+      # The user's rules may now take nothing (one named only this layer).
+      rules = [Rule(re.escape(path), weight=None)] + [
+          dataclasses.replace(r, optional=True) for r in recipe.rules]
       layer_recipe = Recipe(rules)
     else:
       rule = recipe.match(path)

@@ -1,6 +1,7 @@
 """Per-layer report, sensitivity and automatic mixed precision."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -152,3 +153,18 @@ def test_auto_recipe_beats_every_uniform_recipe_within_its_budget(trained):
   assert metric(run(auto, qa)) > uniform[3][1] + 0.03, (uniform, auto)
   with pytest.raises(ValueError, match="below the smallest reachable size"):
     jq.auto_recipe(model.apply, params, x_test, budget_bytes=1000)
+
+
+def test_all_but_one_with_rules_naming_single_layers():
+  """Rules that each name one layer: with that layer kept float, its rule
+  takes nothing, which all_but_one must accept (not 'shadowed')."""
+  f = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+  p = {"w1": jax.random.normal(jax.random.key(0), (8, 8)),
+       "w2": jax.random.normal(jax.random.key(1), (8, 2))}
+  x = jax.random.normal(jax.random.key(2), (16, 8))
+  recipe = jq.Recipe([jq.Rule("w1", weight=jq.int4()),
+                      jq.Rule("w2", weight=jq.int2())])
+  drops = jq.sensitivity(f, p, recipe, x, all_but_one=True)
+  # all_but_one of w1 quantizes only w2 (int2): its noise, measured alone.
+  only_w2 = jq.sensitivity(f, p, recipe, x)["w2"]
+  assert drops["w1"] == pytest.approx(only_w2, rel=1e-6)
