@@ -31,10 +31,28 @@ plot use the first (exact qmax) form; the two differ by 0.07 dB at 8 bits
 and 6 dB at 2 bits, where qmax = 1 is half of 2^(b-1). The uniform-noise
 model also breaks down at 2-3 bits, where the error is no longer uniform.
 
-Writes results.md, results.json and sqnr_vs_bits.png to results/bitwidth_sweep/
-(or --out). --quick (for CI) uses 128x128 random tensors and only the
-128x128 hidden kernel of an MLP trained for 3 epochs: one tensor shape, so
-few XLA compilations.
+Number formats (a separate table, "formats" in results.json, and
+formats.png): the same weight sets quantized with each format's own absmax
+scale (`jq.quantize(w, spec)`, no observer) at 8 bits, int8 against
+fp8_e4m3 and fp8_e5m2, per tensor and per output channel; and at 4 bits,
+int4 against nf4, per output channel and per group of 64 inputs. Bits per
+weight count the stored scales (float32). Theory: for int, the crest
+formula above; for fp8, the same uniform-rounding model per element: an
+element with exponent e = floor(log2 |x / s|) (at least the smallest normal
+exponent) has step 2^(e - m), m mantissa bits (3 for e4m3, 2 for e5m2), so
+
+  SQNR = 10 log10(sum x^2 / sum ((s 2^(e - m))^2 / 12))
+
+which does not depend on the block's crest as long as nothing falls below
+the smallest normal: about 10 log10(12) + 6.02 m + 3.4 dB if mantissas
+spread log-uniformly, 32 dB for e4m3 and 26 dB for e5m2 (measured: 31.5
+and 25.5 dB on Gaussian weights). nf4 has no closed form here (its 16
+levels are normal quantiles, not a uniform grid).
+
+Writes results.md, results.json, sqnr_vs_bits.png and formats.png to
+results/bitwidth_sweep/ (or --out). --quick (for CI) uses 128x128 random
+tensors and only the 128x128 hidden kernel of an MLP trained for 3 epochs:
+one tensor shape, so few XLA compilations.
 """
 
 from __future__ import annotations
@@ -46,7 +64,7 @@ import numpy as np
 import jaxquant as jq
 from experiments import common, demo
 from experiments.data import load_digits_split
-from jaxquant import observers
+from jaxquant import formats, observers
 
 NAME = "bitwidth_sweep"
 
@@ -54,6 +72,18 @@ BITS = (2, 3, 4, 5, 6, 7, 8)
 GRANULARITIES = ("tensor", "channel", "group32", "group128")
 CLIPS = ("absmax", "percentile", "mse")
 PERCENT = 99.99
+# (format, granularity) rows of the formats table: 8-bit formats against
+# int8, 4-bit formats against int4. Each format's own absmax scale.
+FORMAT_SETTINGS = (
+    ("int8", "tensor"), ("int8", "channel"),
+    ("fp8_e4m3", "tensor"), ("fp8_e4m3", "channel"),
+    ("fp8_e5m2", "tensor"), ("fp8_e5m2", "channel"),
+    ("int4", "channel"), ("int4", "group64"),
+    ("nf4", "channel"), ("nf4", "group64"),
+)
+FORMAT_SPECS = {"int8": jq.int8, "int4": jq.int4, "fp8_e4m3": jq.fp8_e4m3,
+                "fp8_e5m2": jq.fp8_e5m2, "nf4": jq.nf4}
+FP8_MANTISSA = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}  # (m, min exp)
 
 
 # ------------------------------------------------------------------ data
@@ -139,6 +169,57 @@ def theory_db(bits, crest):
   return 10 * math.log10(12 * qmax**2) - crest
 
 
+# --------------------------------------------------------------- formats
+
+
+def format_spec(fmt, granularity, w):
+  """The spec of `fmt` at `granularity` for one kernel (in, out)."""
+  _, _, kwargs = block_view(w, granularity)
+  kwargs.setdefault("group_size", None)  # nf4 would default to groups of 64
+  if fmt.startswith("fp8"):
+    kwargs.pop("group_size")
+  return FORMAT_SPECS[fmt](**kwargs)
+
+
+def block_scale(w, granularity, top):
+  """Each element's absmax scale (block absmax / grid max `top`)."""
+  view, axes, _ = block_view(w, granularity)
+  reduce = tuple(a for a in range(view.ndim) if a not in (axes or ()))
+  peak = np.abs(view).max(axis=reduce, keepdims=True).astype(np.float64)
+  return np.broadcast_to(peak / top, view.shape).reshape(w.shape)
+
+
+def fp8_theory_db(kernels, fmt, granularity):
+  """Uniform rounding noise, step 2^(e - m) at each element's exponent e."""
+  mantissa, min_exp = FP8_MANTISSA[fmt]
+  top = formats.grid_max(fmt)
+  noise, power = 0.0, 0.0
+  for w in kernels:
+    s = block_scale(w, granularity, top)
+    v = np.abs(w.astype(np.float64)) / s
+    e = np.maximum(np.floor(np.log2(np.maximum(v, 1e-300))), min_exp)
+    noise += float(np.sum((s * 2.0 ** (e - mantissa)) ** 2) / 12)
+    power += float(np.sum(w.astype(np.float64) ** 2))
+  return 10 * math.log10(power / noise)
+
+
+def format_row(name, kernels, fmt, granularity):
+  """SQNR, bits per weight (scales included) and theory of one setting."""
+  qs = [jq.quantize(w, format_spec(fmt, granularity, w)) for w in kernels]
+  sqnr = common.sqnr_db(kernels, [np.asarray(q.dequantize()) for q in qs])
+  size = sum(w.size for w in kernels)
+  bits_per_weight = 8 * sum(q.nbytes for q in qs) / size
+  if fmt in FP8_MANTISSA:
+    theory = fp8_theory_db(kernels, fmt, granularity)
+  elif fmt.startswith("int"):
+    theory = theory_db(int(fmt[3:]), crest_db(kernels, granularity))
+  else:  # nf4: no closed form
+    theory = None
+  return dict(dataset=name, format=fmt, granularity=granularity,
+              bits_per_weight=bits_per_weight, sqnr_db=sqnr,
+              theory_db=theory)
+
+
 # ------------------------------------------------------------------- main
 
 
@@ -177,11 +258,16 @@ def sweep(quick: bool, seed: int) -> dict:
       theory.append(dict(dataset=name, granularity=granularity,
                          crest_db=crest,
                          sqnr_db=[theory_db(b, crest) for b in BITS]))
+  settings = [(d, f, g) for d in datasets for f, g in FORMAT_SETTINGS]
+  format_rows = [format_row(name, datasets[name], fmt, granularity)
+                 for name, fmt, granularity in common.progress(settings,
+                                                               "formats")]
   config = dict(quick=quick, seed=seed, bits=list(BITS), shape=list(shape),
                 mlp_epochs=epochs, mlp_test_accuracy=accuracy,
                 percentile=PERCENT, mse_candidates=100,
                 mlp_kernel_shapes=[list(w.shape) for w in kernels])
-  return dict(config=config, results=rows, theory=theory)
+  return dict(config=config, results=rows, theory=theory,
+              formats=format_rows)
 
 
 def tables(report):
@@ -195,6 +281,17 @@ def tables(report):
                                             zip(bits, t["sqnr_db"])})
             for t in report["theory"]]
   return common.format_table(measured), common.format_table(theory)
+
+
+def formats_table(report):
+  rows = [dict(dataset=r["dataset"], format=r["format"],
+               granularity=r["granularity"],
+               **{"bits/weight": f"{r['bits_per_weight']:.3f}",
+                  "SQNR dB": r["sqnr_db"],
+                  "theory dB": ("" if r["theory_db"] is None
+                                else r["theory_db"])})
+          for r in report["formats"]]
+  return common.format_table(rows)
 
 
 def plot(report, path):
@@ -234,6 +331,37 @@ def plot(report, path):
   common.save_figure(fig, path)
 
 
+def plot_formats(report, path):
+  """Grouped bars: SQNR of each (format, granularity) per weight set; the
+  8-bit formats on the left, the 4-bit ones on the right."""
+  import matplotlib.pyplot as plt
+  rows = report["formats"]
+  names = list(dict.fromkeys(r["dataset"] for r in rows))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), squeeze=False)
+  for ax, bits in zip(axes[0], (8, 4)):
+    settings = [s for s in FORMAT_SETTINGS
+                if FORMAT_SPECS[s[0]]().bits == bits]
+    width = 0.8 / len(settings)
+    x = np.arange(len(names))
+    for i, (fmt, gran) in enumerate(settings):
+      values = [next(r["sqnr_db"] for r in rows if (r["dataset"], r["format"],
+                                                    r["granularity"])
+                     == (name, fmt, gran)) for name in names]
+      ax.bar(x + (i - (len(settings) - 1) / 2) * width, values, width,
+             label=f"{fmt}, {gran}",
+             hatch="//" if gran == "tensor" else None,
+             color=f"C{i // 2}", alpha=0.6 if i % 2 == 0 else 1.0)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("SQNR (dB)")
+    ax.set_title(f"{bits}-bit formats (absmax scales)")
+    ax.grid(axis="y", alpha=0.3)
+    top = max(r["sqnr_db"] for r in rows
+              if FORMAT_SPECS[r["format"]]().bits == bits)
+    ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=len(settings) // 2, loc="upper center")
+  common.save_figure(fig, path)
+
+
 def markdown(report) -> str:
   measured, theory = tables(report)
   cfg = report["config"]
@@ -248,11 +376,18 @@ def markdown(report) -> str:
           f"{'quick' if cfg['quick'] else 'full'} run, "
           f"{cfg['seconds']:.1f} s.\n\n## Measured\n\n{measured}\n"
           f"## Theory (absmax clip): 10 log10(12 qmax^2) - 20 log10(crest)"
-          f"\n\n{theory}")
+          f"\n\n{theory}\n## Number formats (absmax scales)\n\n"
+          f"SQNR of each format with its own absmax scale per block (8 bits: "
+          f"int8 / fp8_e4m3 / fp8_e5m2; 4 bits: int4 / nf4). Bits/weight "
+          f"include the float32 scales. Theory: int, the crest formula "
+          f"above; fp8, uniform rounding noise with step 2^(e - m) at each "
+          f"element's exponent e (m = 3 for e4m3, 2 for e5m2); nf4 none."
+          f"\n\n{formats_table(report)}")
 
 
 def figures(report) -> dict:
-  return {"sqnr_vs_bits.png": lambda path: plot(report, path)}
+  return {"sqnr_vs_bits.png": lambda path: plot(report, path),
+          "formats.png": lambda path: plot_formats(report, path)}
 
 
 def parser():

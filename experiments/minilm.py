@@ -1,4 +1,5 @@
-"""all-MiniLM-L6-v2 sentence embeddings: float against W8A8, W4A16 and W8A16.
+"""all-MiniLM-L6-v2 sentence embeddings: float against W8A8, W4A16, W8A16,
+fp8 W8A8 and nf4 W4A16.
 
   python -m experiments.minilm [--quick] [--out DIR] [--seed S] [--rounds N]
                                [--repeats N]
@@ -13,14 +14,23 @@ always run in float):
   W4A16   int4 weights, one scale per group of 32 inputs (32 divides both
           contraction sizes, 384 and 1536); dequantized, float matmul
   W8A16   int8 per-channel weights; dequantized, float matmul
+  fp8 W8A8
+          fp8_e4m3 weights (one scale per output channel, absmax -> 448) and
+          fp8_e4m3 activations (one dynamic scale per token): the engine's
+          "fp8" mode, fp8-rounded operands in an exact float32 dot
+  nf4 W4A16 g32, nf4 W4A16 g64
+          nf4 codebook weights (QLoRA's normal-float 4-bit), one absmax
+          scale per group of 32 (as W4A16) or 64 (QLoRA's default) inputs;
+          dequantized, float matmul
 
 Metrics:
   - Spearman rank correlation between the cosine similarity of the two
     words' embeddings and the human score, on WordSim353 and SimLex-999
     (gensim's test data), and its difference to float; plus its spread
     over --repeats re-runs with 1e-5 relative noise on the word embeddings,
-    which leaves float unchanged but re-draws W8A8's activation rounding
-    (see `spearman_noise_floor`): the noise floor of that difference;
+    which leaves float unchanged but re-draws the activation rounding of
+    W8A8 and fp8 W8A8 (see `spearman_noise_floor`): the noise floor of
+    that difference;
   - cosine similarity of each sentence's embedding to the float embedding,
     over sentences of gensim's Lee news corpus (mean and min);
   - embeddings per second on this machine's CPU: one fixed batch of Lee
@@ -29,13 +39,13 @@ Metrics:
     calls; the speed-up is the median over rounds of float time / variant time in the same round. CPU speed and
     XLA's int8 kernels vary between machines: compare ratios, not absolutes;
   - parameter bytes (`jq.nbytes`, all parameters, and the Dense kernels
-    alone) and `jq.report`'s count of matmuls that ran int8 / weight-only /
-    float.
+    alone) and `jq.report`'s count of matmuls that ran int8 / fp8 /
+    weight-only / float.
 
 Writes results.md, results.json and minilm.png to results/minilm/ (or
 --out) and prints the table. The full run uses all 353 + 999 pairs, 512
-sentences, 7 timing rounds and 8 noise-floor repeats (about 2 min on 2
-idle cores); --quick (CI, about 20 s) 60 pairs per word set, 32
+sentences, 7 timing rounds and 8 noise-floor repeats (about 11 min on 2
+shared cores); --quick (CI, about 1 min there) 60 pairs per word set, 32
 sentences, one timing round and no repeats. --seed (default 0) seeds the
 noise-floor perturbations and the timing order.
 """
@@ -57,13 +67,24 @@ from experiments.minilm_model import load_minilm
 
 NAME = "minilm"
 GROUP_SIZE = 32  # divides 384 (hidden) and 1536 (intermediate)
+NF4_GROUP_SIZE = 64  # QLoRA's default; also divides both
 RECIPES = {
     "float": None,
     "W8A8": jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8())]),
     "W4A16": jq.Recipe([jq.Rule(r".*kernel",
                                 weight=jq.int4(group_size=GROUP_SIZE))]),
     "W8A16": jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8())]),
+    "fp8 W8A8": jq.Recipe([jq.Rule(r".*kernel", weight=jq.fp8_e4m3(),
+                                   act=jq.fp8_e4m3())]),
+    f"nf4 W4A16 g{GROUP_SIZE}": jq.Recipe([jq.Rule(
+        r".*kernel", weight=jq.nf4(group_size=GROUP_SIZE))]),
+    f"nf4 W4A16 g{NF4_GROUP_SIZE}": jq.Recipe([jq.Rule(
+        r".*kernel", weight=jq.nf4(group_size=NF4_GROUP_SIZE))]),
 }
+# Variants with dynamic activation quantization: their Spearman moves when
+# the inputs move by 1e-5 (see `spearman_noise_floor`).
+NOISE_FLOOR_VARIANTS = ("float", "W8A8", "fp8 W8A8")
+MATMUL_MODES = ("int8", "fp8", "weight-only", "float")
 WORD_SETS = ("wordsim353", "simlex999")
 MAX_LENGTH = 128
 JITTER_EPS = 1e-5  # relative noise on the word embeddings (noise floor)
@@ -160,8 +181,8 @@ def kernel_bytes(params) -> int:
 
 def matmul_counts(rep, total: int) -> dict:
   if rep is None:  # the float model: every matmul is float
-    return {"int8": 0, "weight-only": 0, "float": total}
-  return {mode: rep.count(mode) for mode in ("int8", "weight-only", "float")}
+    return {mode: total if mode == "float" else 0 for mode in MATMUL_MODES}
+  return {mode: rep.count(mode) for mode in MATMUL_MODES}
 
 
 # --------------------------------------------------------------- metrics
@@ -261,7 +282,7 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
 
   seconds = timing(variants, speed_batch, rounds, calls, seed)
   load = os.getloadavg()[0]
-  floor = spearman_noise_floor(variants, ("float", "W8A8"), words,
+  floor = spearman_noise_floor(variants, NOISE_FLOOR_VARIANTS, words,
                                word_batches, pairs, repeats, seed=seed)
   n_batch = speed_batch[0].shape[0]
 
@@ -296,7 +317,8 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
       "word_pairs": {s: len(p) for s, p in pairs.items()},
       "unique_words": len(words), "sentences": len(sentences),
       "speed_batch_shape": list(speed_batch[0].shape),
-      "w4_group_size": GROUP_SIZE,
+      "w4_group_size": GROUP_SIZE, "nf4_group_sizes": [GROUP_SIZE,
+                                                         NF4_GROUP_SIZE],
       "noise_floor_repeats": repeats, "noise_floor_eps": JITTER_EPS,
       "cpu": platform.processor() or platform.machine(),
       "cpu_count": os.cpu_count(), "jax": jax.__version__,
@@ -322,8 +344,8 @@ def table_rows(results) -> list[dict]:
         "speed-up": f"{r['speedup_vs_float']:.2f}x",
         "param MB": f"{r['param_bytes'] / 1e6:.1f}",
         "Dense kernel MB": f"{r['kernel_bytes'] / 1e6:.2f}",
-        "matmuls int8/w-only/float":
-            f"{m['int8']}/{m['weight-only']}/{m['float']}",
+        "matmuls int8/fp8/w-only/float":
+            f"{m['int8']}/{m['fp8']}/{m['weight-only']}/{m['float']}",
     })
   return rows
 
@@ -341,8 +363,8 @@ def noise_floor_text(results, repeats: int) -> str:
     return ""
   lines = [f"\nSpearman noise floor: {repeats} re-runs with the word "
            f"embeddings scaled by (1 + {JITTER_EPS:g} N(0, 1)) (float "
-           "embeddings move by 1 - cos < 1e-6; W8A8 roundings flip and "
-           "cascade). rho min..max (std):"]
+           "embeddings move by 1 - cos < 1e-6; the activation roundings of "
+           "W8A8 and fp8 W8A8 flip and cascade). rho min..max (std):"]
   for name, r in results.items():
     rhos = r.get("spearman_perturbed")
     if rhos:
@@ -361,20 +383,22 @@ def plot(results, path) -> None:
   for i, s in enumerate(WORD_SETS):
     axes[0].bar(x + (i - 0.5) * 0.4, [results[n]["spearman"][s] for n in names],
                 0.4, label=s)
-  axes[0].set_xticks(x, names)
+  axes[0].set_xticks(x, names, rotation=30, ha="right")
   axes[0].set_ylabel("Spearman rho (cosine vs human)")
   axes[0].set_title("Word similarity")
-  axes[0].legend()
+  axes[0].set_ylim(0, 1)  # room for the legend above the bars
+  axes[0].legend(loc="upper right")
   bins = np.linspace(min(results[n]["cosine_min"] for n in names[1:]), 1.0, 40)
   for n in names[1:]:
-    axes[1].hist(results[n]["cosine_to_float"], bins=bins, alpha=0.6, label=n)
+    axes[1].hist(results[n]["cosine_to_float"], bins=bins, histtype="step",
+                 lw=1.5, label=n)
   axes[1].set_xlabel("cosine to float embedding (per sentence)")
   axes[1].set_ylabel("sentences")
   axes[1].set_title("Lee corpus sentences")
   axes[1].legend()
   axes[2].bar(x, [results[n]["speedup_vs_float"] for n in names])
   axes[2].axhline(1.0, color="gray", lw=0.8)
-  axes[2].set_xticks(x, names)
+  axes[2].set_xticks(x, names, rotation=30, ha="right")
   axes[2].set_ylabel("speed-up vs float (this CPU)")
   axes[2].set_title("Embeddings / s")
   common.save_figure(fig, path)
@@ -384,6 +408,7 @@ def markdown(report) -> str:
   results, setup = report["results"], report["setup"]
   pairs = setup["word_pairs"]
   title = (f"all-MiniLM-L6-v2: float vs W8A8 / W4A16 (g{GROUP_SIZE}) / W8A16"
+           f" / fp8 W8A8 / nf4 W4A16 (g{GROUP_SIZE}, g{NF4_GROUP_SIZE})"
            f"{' (quick)' if setup['quick'] else ''}")
   details = (
       f"\nWord pairs: WordSim353 {pairs['wordsim353']}, SimLex-999 "

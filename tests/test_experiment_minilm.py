@@ -1,7 +1,8 @@
-"""Quick run of experiments.minilm (all-MiniLM-L6-v2, float vs W8A8 / W4A16 / W8A16).
+"""Quick run of experiments.minilm (all-MiniLM-L6-v2, float vs W8A8 / W4A16 /
+W8A16 / fp8 W8A8 / nf4 W4A16 g32, g64).
 
 One test function: under pytest-xdist a shared fixture could run on both
-workers, doubling the ~20 s run.
+workers, doubling the ~30 s run.
 """
 
 import importlib.util
@@ -10,7 +11,7 @@ import json
 import pytest
 
 
-# Not marked slow (about 25 s): CI's only run of the MiniLM port quantized.
+# Not marked slow (about 30 s): CI's only run of the MiniLM port quantized.
 def test_minilm_quick(tmp_path):
   for module in ("safetensors", "tokenizers", "scipy"):
     pytest.importorskip(module)
@@ -24,7 +25,8 @@ def test_minilm_quick(tmp_path):
   for name in ("results.md", "results.json", "minilm.png"):
     assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size
   saved = json.loads((tmp_path / "results.json").read_text())["results"]
-  assert list(saved) == ["float", "W8A8", "W4A16", "W8A16"]
+  assert list(saved) == ["float", "W8A8", "W4A16", "W8A16", "fp8 W8A8",
+                         "nf4 W4A16 g32", "nf4 W4A16 g64"]
   table = (tmp_path / "results.md").read_text()
   assert all(f"| {name} |" in table for name in saved)
 
@@ -32,9 +34,41 @@ def test_minilm_quick(tmp_path):
   assert w8a8["cosine_mean"] > 0.98  # measured 0.997
   assert w8a8["matmuls"]["int8"] == 36  # every Dense layer, 6 per block
   assert "36 int8, 0 weight-only, 12 float" in w8a8["report"]
-  for name in ("W4A16", "W8A16"):
-    assert results[name]["matmuls"] == {"int8": 0, "weight-only": 36,
-                                        "float": 12}
+  for name in ("W4A16", "W8A16", "nf4 W4A16 g32", "nf4 W4A16 g64"):
+    assert results[name]["matmuls"] == {"int8": 0, "fp8": 0,
+                                        "weight-only": 36, "float": 12}, name
   assert results["float"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
   sizes = {name: r["param_bytes"] for name, r in results.items()}
   assert sizes["W4A16"] < sizes["W8A8"] == sizes["W8A16"] < sizes["float"]
+
+  # fp8 W8A8: every Dense matmul in the engine's fp8 mode (fp8_e4m3 weights
+  # and per-token activations), as close to float as int8 W8A8.
+  fp8 = results["fp8 W8A8"]
+  assert fp8["matmuls"] == {"int8": 0, "fp8": 36, "weight-only": 0,
+                            "float": 12}
+  assert "36 fp8, 0 weight-only, 12 float" in fp8["report"]
+  assert "fp8_e4m3" in fp8["report"]
+  assert 0.99 < fp8["cosine_mean"] < 0.9999  # measured 0.997 (quick)
+  assert fp8["cosine_min"] > 0.98  # measured 0.996
+  # nf4 is a 4-bit format: well below the 8-bit variants, but (its codebook
+  # fits near-normal weights) closer to float than int4 in the same groups.
+  nf4_32, nf4_64 = results["nf4 W4A16 g32"], results["nf4 W4A16 g64"]
+  for r in (nf4_32, nf4_64):
+    assert 0.93 < r["cosine_mean"] < w8a8["cosine_mean"]  # 0.974 / 0.969
+  assert nf4_32["cosine_mean"] > results["W4A16"]["cosine_mean"] + 0.01
+  assert nf4_32["cosine_mean"] > nf4_64["cosine_mean"]  # smaller groups
+  for r in results.values():
+    for rho in r["spearman"].values():
+      assert 0.3 < rho < 0.8  # measured 0.49 - 0.65 on 60 pairs
+
+  # Bytes: fp8 stores what int8 stores (one byte per weight, float32 scale
+  # per output channel); nf4 g32 what int4 g32 stores; nf4 g64 4 bits plus
+  # one float32 scale per 64 weights: 4.5 / 32 of the float kernels, exactly.
+  kernels = {name: r["kernel_bytes"] for name, r in results.items()}
+  assert kernels["fp8 W8A8"] == kernels["W8A8"]
+  assert sizes["fp8 W8A8"] == sizes["W8A8"]
+  assert kernels["nf4 W4A16 g32"] == kernels["W4A16"]
+  assert kernels["nf4 W4A16 g64"] * 32 == kernels["float"] * 4.5
+  assert kernels["W4A16"] * 32 == kernels["float"] * 5  # 4 bits + 32/32
+  assert (sizes["float"] - sizes["nf4 W4A16 g64"]
+          == kernels["float"] - kernels["nf4 W4A16 g64"])  # rest stays float
