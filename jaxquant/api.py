@@ -23,6 +23,7 @@ from jaxquant import engine, numerics, text
 from jaxquant.qarray import (ActQuant, QArray, fake_quant as fake_quant_array,
                              quantize)
 from jaxquant.rules import Recipe
+from jaxquant.transform import provenance
 from jaxquant.transform import (FloatPayload, Tracer, param_leaves,
                                 resolved_specs, tag_inputs)
 from jaxquant.tree import is_qarray
@@ -352,9 +353,16 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
 
   jax.eval_shape(run, params, dyn)
   # Matmuls between two activations (attention scores) never reach a handler.
+  sources = provenance.matmul_sources(traced.jaxpr.jaxpr, traced.paths)
   for eqn in traced.untagged_matmuls():
     shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
-    records.append(engine.OpRecord("-", eqn.primitive.name, engine.FLOAT,
-                                   "no parameter operand", shapes[1],
-                                   shapes[0], "float", "float"))
+    computed = [provenance.computed_weight(s)
+                for s in sources.get(id(eqn), ())]
+    computed = next((c for c in computed if c), None)
+    reason = ("no parameter operand" if computed is None else
+              f"weight computed from {', '.join(computed)} by arithmetic, "
+              "not layout ops alone: runs in float")
+    records.append(engine.OpRecord(
+        computed[0] if computed else "-", eqn.primitive.name, engine.FLOAT,
+        reason, shapes[1], shapes[0], "float", "float"))
   return Report(tuple(records))

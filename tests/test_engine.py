@@ -387,3 +387,27 @@ def test_grouped_weights_use_calibrated_activation_scales():
   static_out, dynamic_out = qapply(qparams, x), qapply(dynamic, x)
   assert rel_err(static_out, ref) < 0.2 and rel_err(static_out,
                                                     dynamic_out) > 1e-4
+
+
+def test_report_names_weights_computed_from_params():
+  """Weight normalisation (w = g v / |v|, as in Wav2Vec2's conv) is not a
+  layout op: the matmul runs float, and report says which params the weight
+  is computed from; attention-style products of activations say no
+  parameter operand."""
+  def apply_fn(p, x):
+    w = p["g"] * p["v"] / jnp.linalg.norm(p["v"], axis=0, keepdims=True)
+    h = x @ w                                  # computed weight
+    scores = h @ h.T                           # activations only
+    return jax.nn.relu(scores @ h) @ p["out"]  # a plain weight
+
+  params = {"g": jnp.ones((1, 8)), "v": jax.random.normal(
+      jax.random.key(0), (16, 8)), "out": jnp.ones((8, 2))}
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  recipe = jq.Recipe([jq.Rule("out", weight=jq.int8(), act=jq.int8()),
+                      jq.Rule(".*", weight=None, optional=True)])
+  rep = jq.report(apply_fn, params, recipe, x)
+  reasons = {op.reason for op in rep.ops if op.mode == "float"}
+  assert ("weight computed from g, v by arithmetic, not layout ops alone: "
+          "runs in float") in reasons
+  assert "no parameter operand" in reasons
+  assert rep.count("int8") == 1 and rep.count("float") == 3

@@ -20,7 +20,9 @@ FP8 = {"fp8_e4m3": (jq.fp8_e4m3, ml_dtypes.float8_e4m3fn, 448.0),
 
 arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2,
                                                  min_side=1, max_side=9),
-                    elements=st.floats(-1e4, 1e4, width=32))
+                    # XLA:CPU may flush float32 subnormal inputs to zero.
+                    elements=st.floats(-1e4, 1e4, width=32,
+                                       allow_subnormal=False))
 
 
 @pytest.mark.parametrize("name", sorted(FP8))
