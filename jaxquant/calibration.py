@@ -196,6 +196,13 @@ def calibration(apply_fn: Callable, recipe: Recipe, *,
     >>> [float(v) for v in stats.act_range("params/kernel")]  # min, max
     [2.0, 2.0]
   """
+  return _calibration(apply_fn, recipe, observer, observer_options,
+                      model_kwargs)[0]
+
+
+def _calibration(apply_fn, recipe, observer, observer_options, model_kwargs):
+  """The `Calibration` pair and the `observe` function it is built on: one
+  tracer, so `calibrate`'s checked step reuses the traces of `init`."""
   options = dict(observer_options or {})
   observe = _observer_of(apply_fn, recipe, model_kwargs)
 
@@ -226,7 +233,7 @@ def calibration(apply_fn: Callable, recipe: Recipe, *,
   def update(stats: Stats, params, *batch) -> Stats:
     return _observed(stats, observe(params, batch))[0]
 
-  return Calibration(init, update)
+  return Calibration(init, update), observe
 
 
 def _observer_of(apply_fn, recipe, model_kwargs):
@@ -317,11 +324,9 @@ def calibrate(apply_fn: Callable, params, recipe: Recipe, batches: Iterable,
     raise ValueError("calibrate got no batches; pass an iterable with at "
                      "least one batch")
   first = _as_args(first)
-  cal = calibration(apply_fn, recipe, observer=observer,
-                    observer_options=observer_options,
-                    model_kwargs=model_kwargs)
+  cal, observe = _calibration(apply_fn, recipe, observer, observer_options,
+                              model_kwargs)
   stats = cal.init(params, *first)
-  observe = _observer_of(apply_fn, recipe, model_kwargs)
   keys = []  # the path of each finiteness flag, recorded while tracing
 
   @jax.jit

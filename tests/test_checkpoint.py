@@ -22,6 +22,7 @@ from flax import nnx
 from hypothesis import given, strategies as st
 
 import jaxquant as jq
+import zoo
 from jaxquant import checkpoint
 from jaxquant.tree import leaves_with_paths
 
@@ -33,22 +34,8 @@ PREFIX = len(MAGIC) + 1 + 32
 # helpers
 
 
-def _params():
-  k = jax.random.split(jax.random.key(0), 3)
-  return {"params": {
-      "embed": {"embedding": jax.random.normal(k[0], (50, 16))},
-      "Dense_0": {"kernel": jax.random.normal(k[1], (16, 32)),
-                  "bias": jnp.zeros(32)},
-      "Dense_1": {"kernel": jax.random.normal(k[2], (32, 10)),
-                  "bias": jnp.zeros(10)},
-  }, "step": jnp.array(3, jnp.int32)}
-
-
-RECIPE = jq.Recipe([
-    jq.Rule(r".*embedding", weight=None),
-    jq.Rule(r".*Dense_0/kernel", weight=jq.int4(group_size=8)),
-    jq.Rule(r".*kernel", weight=jq.int8()),
-])
+_params = zoo.param_tree
+RECIPE = zoo.TREE_RECIPE
 
 
 def _canon(x, scalars=True):

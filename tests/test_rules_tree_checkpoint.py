@@ -5,24 +5,11 @@ import jax.numpy as jnp
 import pytest
 
 import jaxquant as jq
+import zoo
 
 
-def _params():
-  k = jax.random.split(jax.random.key(0), 3)
-  return {"params": {
-      "embed": {"embedding": jax.random.normal(k[0], (50, 16))},
-      "Dense_0": {"kernel": jax.random.normal(k[1], (16, 32)),
-                  "bias": jnp.zeros(32)},
-      "Dense_1": {"kernel": jax.random.normal(k[2], (32, 10)),
-                  "bias": jnp.zeros(10)},
-  }, "step": jnp.array(3, jnp.int32)}
-
-
-RECIPE = jq.Recipe([
-    jq.Rule(r".*embedding", weight=None),
-    jq.Rule(r".*Dense_0/kernel", weight=jq.int4(group_size=8)),
-    jq.Rule(r".*kernel", weight=jq.int8()),
-])
+_params = zoo.param_tree
+RECIPE = zoo.TREE_RECIPE
 
 
 def test_first_matching_rule_wins():

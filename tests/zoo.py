@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import jaxquant as jq
+
 
 class MLP(nn.Module):
   @nn.compact
@@ -103,3 +105,24 @@ def plain_params(key):
 def plain_apply(params, x):
   h = jnp.maximum(x @ params["w1"] + params["b1"], 0.0)
   return jnp.dot(h, params["w2"])
+
+
+def param_tree():
+  """A Linen-style variables dict (no model): an embedding, two Dense
+  layers and an integer step counter, for tree and checkpoint tests."""
+  k = jax.random.split(jax.random.key(0), 3)
+  return {"params": {
+      "embed": {"embedding": jax.random.normal(k[0], (50, 16))},
+      "Dense_0": {"kernel": jax.random.normal(k[1], (16, 32)),
+                  "bias": jnp.zeros(32)},
+      "Dense_1": {"kernel": jax.random.normal(k[2], (32, 10)),
+                  "bias": jnp.zeros(10)},
+  }, "step": jnp.array(3, jnp.int32)}
+
+
+# Mixed precision for `param_tree`: float embedding, int4 g8, int8.
+TREE_RECIPE = jq.Recipe([
+    jq.Rule(r".*embedding", weight=None),
+    jq.Rule(r".*Dense_0/kernel", weight=jq.int4(group_size=8)),
+    jq.Rule(r".*kernel", weight=jq.int8()),
+])

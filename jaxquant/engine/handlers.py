@@ -8,6 +8,7 @@ matmul, how it ran and why (`OpRecord`, shown by `jq.report`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from jaxquant import numerics
 from jaxquant.engine import lowering
@@ -143,7 +144,7 @@ def _same_format(a: QuantSpec, b: QuantSpec) -> bool:
 def params_recipe_mismatch(path, payload, rule) -> str | None:
   """Why params and recipe disagree on the weight at `path`, if they do."""
   weight = None if rule is None else rule.weight
-  if isinstance(payload, (QuantPayload, GroupPayload)):
+  if isinstance(payload, QuantPayload):  # GroupPayload included
     if weight is None:
       return (f"{path}: params hold {payload.spec.short()} but the recipe "
               "keeps this weight float; quantize with this recipe")
@@ -218,41 +219,40 @@ class QuantizedHandler(Handler):
     mismatch = params_recipe_mismatch(site.path, payload, rule)
     if mismatch and self.strict:
       raise ValueError(mismatch)
-    if not isinstance(payload, (QuantPayload, GroupPayload,
-                                DequantizedPayload)):
-      self._record(eqn, invals, site, FLOAT, "parameter not quantized")
+    record = functools.partial(self._record, eqn, invals, site,
+                               mismatch=mismatch)
+    if not isinstance(payload, (QuantPayload, DequantizedPayload)):
+      record(FLOAT, "parameter not quantized")
       return bind_plain(eqn, invals)
     if rule is None or rule.act is None:
-      self._record(eqn, invals, site, WEIGHT_ONLY, "no activation spec")
+      record(WEIGHT_ONLY, "no activation spec")
       return bind_plain(eqn, invals)
     problem = int_path_problem(site, payload, rule.act, eqn.params)
     if problem:
-      self._record(eqn, invals, site, WEIGHT_ONLY, problem, rule.act)
+      record(WEIGHT_ONLY, problem, rule.act)
       return bind_plain(eqn, invals)
     act = payload.act.spec if static_act(payload) else rule.act
     static = "static activation scale" if static_act(payload) else ""
     x = value(invals[site.act_index])
     if payload.spec.format != "int":
       reason = "; ".join(filter(None, [lowering.FP8_REASON, static]))
-      self._record(eqn, invals, site, FP8, reason, act)
+      record(FP8, reason, act)
       return [fp8_matmul(eqn, site, x, payload, rule.act)]
     conv = site.primitive == "conv_general_dilated"
     emulated = conv and not lowering.int8_conv_native()
     reason = "; ".join(filter(None, [
         static, lowering.INT8_CONV_EMULATED if emulated else ""]))
-    self._record(eqn, invals, site, INT8, reason, act)
+    record(INT8, reason, act)
     if isinstance(payload, GroupPayload):
       return [grouped_int8_matmul(eqn, site, x, payload, rule.act)]
     return [int8_matmul(eqn, site, x, payload, rule.act)]
 
-  def _record(self, eqn, invals, site, mode, reason, act_spec=None):
+  def _record(self, eqn, invals, site, mode, reason, act_spec=None, *,
+              mismatch=None):
     payload = None if site is None else invals[site.weight_index].payload
-    wspec = payload.spec.short() if isinstance(
-        payload, (QuantPayload, GroupPayload)) else (
+    wspec = payload.spec.short() if isinstance(payload, QuantPayload) else (
         "dequantized" if isinstance(payload, DequantizedPayload) else "float")
     shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
-    rule = None if site is None else self.recipe.match(site.path)
-    mismatch = site and params_recipe_mismatch(site.path, payload, rule)
     if mismatch:
       reason = "; ".join(filter(None, [reason, mismatch.split(": ", 1)[1]]))
     self.records.append(OpRecord(

@@ -211,7 +211,8 @@ def static_act(payload) -> bool:
 
 
 def quantized_activation(x, site: Site, payload, act_spec):
-  """(int8 values, keepdims scale, zero point or None, spec) of activation x.
+  """(codes, keepdims scale, zero point or None, spec) of activation `x`:
+  int8 values, or fp8 values for an fp8 spec.
 
   Calibrated (static) scales and fixed clips only clip and round; otherwise
   the scale comes from `x` itself (`dynamic_act_scale`). Rows with NaN/inf
@@ -277,11 +278,7 @@ def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   float32) and multiplied at full float32 precision (no TF32): see
   `lowering.FP8_REASON`.
   """
-  if static_act(payload):
-    act_spec, sx = payload.act.spec, poisoned(payload.act.scale, x, site)
-  else:
-    sx, _ = activation_scale(x, site, act_spec)
-  qx = numerics.quantize_with_scale(x, sx, None, act_spec)
+  qx, sx, _, _ = quantized_activation(x, site, payload, act_spec)
   params = dict(eqn.params, preferred_element_type=jnp.float32)
   if "precision" in params:
     params["precision"] = lax.Precision.HIGHEST

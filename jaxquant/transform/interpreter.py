@@ -162,11 +162,6 @@ def def_layout(name: str, *, axes, scale, regroups: bool = True) -> None:
   RULES[name] = LayoutRule(axes, scale, regroups)
 
 
-def layout_rule(name: str) -> LayoutRule | None:
-  rule = RULES.get(name)
-  return rule if isinstance(rule, LayoutRule) else None
-
-
 # --------------------------------------------------------------------------
 # Higher-order primitives
 
