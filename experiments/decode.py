@@ -63,13 +63,15 @@ def _variants(k: int, n: int, m: int, seed: int, with_peers: bool):
   params = model.init(kw, x)
   variants = {"float": (jax.jit(model.apply), (params, x))}
   notes = {}
+  bytes_ = {"float": sum(a.nbytes for a in jax.tree.leaves(params))}
   for name, rule in MODES.items():
     recipe = jq.Recipe([jq.Rule(".*kernel", **rule)])
     qparams = jq.quantize_params(model.apply, params, recipe, x)
     variants[name] = (jax.jit(jq.quantized_apply(model.apply, recipe)),
                       (qparams, x))
     op = jq.report(model.apply, qparams, recipe, x).ops[0]
-    notes[name] = f"{op.mode}: {op.reason}" if op.reason else op.mode
+    notes[name] = f"{op.mode}, {op.lowering}"
+    bytes_[name] = sum(a.nbytes for a in jax.tree.leaves(qparams))
     if name == "fp8":  # what reaches XLA: fp8 operands, or upcast ones
       text = variants[name][0].lower(qparams, x).as_text()
       notes[name] += (f" (StableHLO dots with f8E4M3FN operands: "
@@ -82,7 +84,7 @@ def _variants(k: int, n: int, m: int, seed: int, with_peers: bool):
     for name, act in (("Qwix W8A8", True), ("Qwix W8A16", False)):
       fn, qp = peers.qwix_quantized(model, params, x, act=act)
       variants[name] = (jax.jit(fn), (qp, x))
-  return variants, notes
+  return variants, notes, bytes_
 
 
 def run(args) -> dict:
@@ -90,10 +92,15 @@ def run(args) -> dict:
   shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes]
             if args.shapes else ([(1024, 1024)] if args.quick else SHAPES))
   rounds = args.rounds or (3 if args.quick else 9)
-  cells, notes = [], {}
+  cells, lowerings, limits = [], {}, {}
   for k, n in shapes:
     for m in rows:
-      variants, notes = _variants(k, n, m, args.seed, args.peers)
+      variants, notes, bytes_ = _variants(k, n, m, args.seed, args.peers)
+      for name, note in notes.items():
+        lowerings.setdefault(name, {}).setdefault(note, []).append(
+            f"{k}x{n} M={m}")
+      limits[f"{k}x{n}"] = {name: b / bytes_["float"]
+                            for name, b in bytes_.items() if name != "float"}
       times = common.time_rounds(variants, rounds, calls=5, seed=args.seed,
                                  desc=f"{k}x{n} M={m}")
       ratios = common.median_ratios(times)
@@ -105,7 +112,8 @@ def run(args) -> dict:
           f"{name} {r:.2f}x" for name, r in ratios.items() if name != "float"))
   return {"backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind, "rounds": rounds,
-          "cells": cells, "lowering": notes}
+          "machine": jq.engine.lowering.machine(), "jax": jax.__version__,
+          "cells": cells, "lowering": lowerings, "bytes_limit": limits}
 
 
 def markdown(report) -> str:
@@ -113,9 +121,26 @@ def markdown(report) -> str:
           "time / float time, median over "
           f"{report['rounds']} interleaved rounds (lower is faster).")
   table = common.format_table(report["cells"])
-  lowering = "\n".join(f"- {name}: {note}"
-                       for name, note in report["lowering"].items())
-  return f"{head}\n\n{table}\n\nLowering per mode (`jq.report`):\n{lowering}\n"
+  lowering = "\n".join(
+      f"- {name}: " + "; ".join(f"{note} ({_span(where)})"
+                               for note, where in by_note.items())
+      for name, by_note in report["lowering"].items())
+  limits = common.format_table([{"shape": shape, **ratios} for shape, ratios
+                                in report["bytes_limit"].items()])
+  return (f"{head}\n\n{table}\n\nLowering per mode (`jq.report`, machine "
+          f"profile `{report['machine']}`, jax {report['jax']}):\n"
+          f"{lowering}\n\nBytes-moved limit (param bytes / float param "
+          f"bytes: the ratio a weight-streaming decode step cannot beat):"
+          f"\n\n{limits}\n")
+
+
+def _span(cells: list[str]) -> str:
+  """'4096x4096 M=1, 4096x4096 M=2' -> '4096x4096 M=1,2'."""
+  by_shape = {}
+  for cell in cells:
+    shape, m = cell.split(" M=")
+    by_shape.setdefault(shape, []).append(m)
+  return "; ".join(f"{s} M={','.join(ms)}" for s, ms in by_shape.items())
 
 
 def figures(report) -> dict:

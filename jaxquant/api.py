@@ -132,14 +132,19 @@ def _check_recipe(recipe) -> None:
                      "*example_args)")
 
 
-def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
+def quantized_apply(apply_fn: Callable, recipe: Recipe, *,
+                    machine: str | None = None) -> Callable:
   """`apply_fn` with int8 matmuls; takes the params from `quantize_params`.
 
   Weights stay int8 (packed int4 / int2 unpacked on the fly); activations
   are quantized per row / token (per example for convolutions; per tensor
   if the act spec says granularity="tensor"); the matmul is
   `int8 x int8 -> int32` and the rescale follows it. Rules without `act`
-  run weight-only: the weight is dequantized and the float matmul runs.
+  run weight-only: float activations times the quantized weight, computed
+  as a float dot of the dequantized weight, or where that is slower (CPUs
+  with fast int8 dots) as one int8 dot on the activation's int8 parts,
+  exact to float32 rounding (`jaxquant.engine.lowering`). `jq.report` names
+  the lowering each matmul gets.
 
   For a weight W ~ (q_w - z_w) s_w (s_w per output channel) and an
   activation x ~ (q_x - z_x) s_x (s_x per row, or the static `QArray.act`
@@ -156,6 +161,10 @@ def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
   Args:
     apply_fn: the model, `apply_fn(params, *args, **kwargs)`.
     recipe: the `Recipe` the params were quantized with.
+    machine: a key of `jaxquant.engine.lowering.PROFILES` ('cpu/x86-vnni',
+      'cpu/other', 'gpu', 'tpu') whose lowering choices to use; default:
+      this machine's (`lowering.machine()`). The numbers agree within
+      float32 rounding either way; only the speed differs.
 
   Returns:
     A function with the signature of `apply_fn` that takes the output of
@@ -182,13 +191,15 @@ def quantized_apply(apply_fn: Callable, recipe: Recipe) -> Callable:
 
   def run(qparams, *args, **kwargs):
     traced, dyn = tracer(qparams, args, kwargs)
-    return _run_quantized(traced, recipe, qparams, dyn)[0]
+    return _run_quantized(traced, recipe, qparams, dyn, machine=machine)[0]
 
   return run
 
 
-def _run_quantized(traced, recipe, qparams, dyn, strict=True):
-  handler = engine.QuantizedHandler(recipe=recipe, strict=strict)
+def _run_quantized(traced, recipe, qparams, dyn, strict=True, machine=None):
+  engine.lowering.check_machine(machine)
+  handler = engine.QuantizedHandler(recipe=recipe, strict=strict,
+                                    machine=machine)
 
   def payload(path, leaf):
     return engine.QuantPayload.of(leaf) if is_qarray(leaf) else FloatPayload(
@@ -266,7 +277,8 @@ class Report:
   Attributes:
     ops: one record per matmul, in evaluation order, with `path`,
       `primitive`, `mode`, `reason`, `weight_shape`, `act_shape`,
-      `weight_spec` and `act_spec`. Matmuls with no parameter operand
+      `weight_spec`, `act_spec` and `lowering` (how it is computed on this
+      machine: `jaxquant.engine.lowering`). Matmuls with no parameter operand
       (attention scores) have path '-' and mode 'float'.
 
   Example:
@@ -292,10 +304,10 @@ class Report:
 
   def __str__(self):
     head = ("path", "op", "mode", "weight", "act", "weight shape",
-            "act shape", "note")
+            "act shape", "lowering", "note")
     rows = [(o.path, o.primitive.replace("conv_general_dilated", "conv"),
              o.mode, o.weight_spec, o.act_spec, str(o.weight_shape),
-             str(o.act_shape), o.reason) for o in self.ops]
+             str(o.act_shape), o.lowering, o.reason) for o in self.ops]
     fp8 = f"{self.count(engine.FP8)} fp8, " if self.count(engine.FP8) else ""
     summary = (f"{self.count(engine.INT8)} int8, {fp8}"
                f"{self.count(engine.WEIGHT_ONLY)} weight-only, "
@@ -304,7 +316,8 @@ class Report:
 
 
 def report(apply_fn: Callable, params, recipe: Recipe, *args,
-           model_kwargs: dict | None = None) -> Report:
+           model_kwargs: dict | None = None,
+           machine: str | None = None) -> Report:
   """Which matmuls run int8, weight-only or float, and why.
 
   `params` may be float (they are quantized with `quantize_params` first)
@@ -318,6 +331,7 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
     recipe: the `Recipe`.
     *args: example inputs; only their shapes and dtypes are used.
     model_kwargs: keyword arguments of `apply_fn`.
+    machine: whose lowering choices to report (see `quantized_apply`).
 
   Returns:
     A `Report`, one record per matmul; `print` it for a table.
@@ -347,7 +361,8 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
   records = []
 
   def run(qparams, dyn):
-    out, recs = _run_quantized(traced, recipe, qparams, dyn, strict=False)
+    out, recs = _run_quantized(traced, recipe, qparams, dyn, strict=False,
+                               machine=machine)
     records.extend(recs)
     return out
 
@@ -364,5 +379,5 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
               "not layout ops alone: runs in float")
     records.append(engine.OpRecord(
         computed[0] if computed else "-", eqn.primitive.name, engine.FLOAT,
-        reason, shapes[1], shapes[0], "float", "float"))
+        reason, shapes[1], shapes[0], "float", "float", "float dot"))
   return Report(tuple(records))

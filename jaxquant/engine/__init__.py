@@ -8,6 +8,7 @@ handler's `on_matmul`: `payloads` (what a quantized weight carries),
 `kernels` (the int8 matmuls), `handlers` (what each mode computes).
 """
 
+from jaxquant.engine import lowering
 from jaxquant.engine.handlers import (FLOAT, FP8, INT8, WEIGHT_ONLY,
                                       FakeQuantHandler, ObserveHandler,
                                       OpRecord, QuantizedHandler,

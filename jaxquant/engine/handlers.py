@@ -12,9 +12,11 @@ import functools
 
 from jaxquant import numerics
 from jaxquant.engine import lowering
-from jaxquant.engine.kernels import (accumulation_problem, activation_scale,
-                                     fp8_matmul, grouped_int8_matmul,
-                                     int8_matmul, max_terms, static_act)
+from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
+                                     activation_scale, fp8_matmul,
+                                     grouped_int8_matmul, int8_matmul,
+                                     max_terms, static_act)
+from jaxquant.engine.lowering import Lowering
 from jaxquant.engine.payloads import (GROUP_MOVED, DequantizedPayload,
                                       GroupPayload, QuantPayload)
 from jaxquant.spec import QuantSpec
@@ -169,6 +171,7 @@ class OpRecord:
   act_shape: tuple[int, ...]
   weight_spec: str
   act_spec: str
+  lowering: str = ""  # how it is computed (`engine.lowering.Lowering`)
 
 
 # --------------------------------------------------------------------------
@@ -210,6 +213,7 @@ class QuantizedHandler(Handler):
   records: list = dataclasses.field(default_factory=list)
   # Raise on params that do not match the recipe (report() records them).
   strict: bool = True
+  machine: str | None = None  # a `lowering.PROFILES` key; None: this one
 
   def on_matmul(self, eqn, site, rule, invals):
     if site is None:
@@ -225,30 +229,49 @@ class QuantizedHandler(Handler):
       record(FLOAT, "parameter not quantized")
       return bind_plain(eqn, invals)
     if rule is None or rule.act is None:
-      record(WEIGHT_ONLY, "no activation spec")
-      return bind_plain(eqn, invals)
+      return self._weight_only(eqn, site, invals, record,
+                               "no activation spec")
     problem = int_path_problem(site, payload, rule.act, eqn.params)
     if problem:
-      record(WEIGHT_ONLY, problem, rule.act)
-      return bind_plain(eqn, invals)
+      return self._weight_only(eqn, site, invals, record, problem, rule.act)
     act = payload.act.spec if static_act(payload) else rule.act
     static = "static activation scale" if static_act(payload) else ""
     x = value(invals[site.act_index])
+    grouped = isinstance(payload, GroupPayload)
     if payload.spec.format != "int":
       reason = "; ".join(filter(None, [lowering.FP8_REASON, static]))
-      record(FP8, reason, act)
+      record(FP8, reason, act, Lowering(lowering.FP8_DOT))
       return [fp8_matmul(eqn, site, x, payload, rule.act)]
     conv = site.primitive == "conv_general_dilated"
     emulated = conv and not lowering.int8_conv_native()
     reason = "; ".join(filter(None, [
         static, lowering.INT8_CONV_EMULATED if emulated else ""]))
-    record(INT8, reason, act)
-    if isinstance(payload, GroupPayload):
-      return [grouped_int8_matmul(eqn, site, x, payload, rule.act)]
-    return [int8_matmul(eqn, site, x, payload, rule.act)]
+    how = lowering.choose_int8(site, grouped, self.machine)
+    record(INT8, reason, act, how)
+    kernel = grouped_int8_matmul if grouped else int8_matmul
+    return [kernel(eqn, site, x, payload, rule.act, how)]
 
-  def _record(self, eqn, invals, site, mode, reason, act_spec=None, *,
-              mismatch=None):
+  def _weight_only(self, eqn, site, invals, record, reason, act_spec=None):
+    """A float activation times a quantized weight: an int8 dot on the
+    activation's int8 parts where `lowering` says that is faster, else a
+    float dot of the dequantized weight."""
+    payload = invals[site.weight_index].payload
+    x = value(invals[site.act_index])
+    how = Lowering(lowering.DEQUANTIZED)
+    if isinstance(payload, QuantPayload):
+      plain = dataclasses.replace(payload, act=None)
+      if not int_path_problem(site, plain, PARTS_SPEC, eqn.params):
+        how = lowering.choose_weight_only(
+            site, isinstance(payload, GroupPayload), x.dtype, self.machine)
+    record(WEIGHT_ONLY, reason, act_spec, how)
+    if not how.act_parts:
+      return bind_plain(eqn, invals)
+    kernel = (grouped_int8_matmul if isinstance(payload, GroupPayload)
+              else int8_matmul)
+    return [kernel(eqn, site, x, payload, None, how)]
+
+  def _record(self, eqn, invals, site, mode, reason, act_spec=None,
+              how: Lowering | None = None, *, mismatch=None):
     payload = None if site is None else invals[site.weight_index].payload
     wspec = payload.spec.short() if isinstance(payload, QuantPayload) else (
         "dequantized" if isinstance(payload, DequantizedPayload) else "float")
@@ -259,4 +282,5 @@ class QuantizedHandler(Handler):
         site.path if site else "-", eqn.primitive.name, mode, reason,
         site.weight_shape if site else shapes[1],
         site.act_shape if site else shapes[0], wspec,
-        act_spec.short() if act_spec else "float"))
+        act_spec.short() if act_spec else "float",
+        how.describe() if how else lowering.FLOAT_DOT))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant import numerics
-from jaxquant.engine import lowering
+from jaxquant.engine.lowering import Lowering, int8_conv_native
 from jaxquant.engine.payloads import GroupPayload, QuantPayload
 from jaxquant.spec import QuantSpec
 from jaxquant.transform import layout
@@ -40,6 +40,7 @@ from jaxquant.transform.site import Site
 
 
 _INT32_MAX = 2**31 - 1
+PLAIN = Lowering("int8 dot")  # no padding, no parts
 
 
 def max_abs_int(spec: QuantSpec) -> int:
@@ -229,16 +230,127 @@ def quantized_activation(x, site: Site, payload, act_spec):
       act_spec)
 
 
-def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
-  """One quantized `dot_general` / `conv_general_dilated` (see module doc)."""
+# Activation parts for weight-only matmuls: symmetric per-row int8 steps.
+PARTS_SPEC = QuantSpec(bits=8, signed=True, symmetric=True)
+_PART_BASE = 254.0  # 2 * 127: each residual, scaled, fits an int8 again
+
+
+def split_activation(x, site: Site, n: int):
+  """(n int8 parts, per-row scale) with x ~ s_x sum_i h_i / 254^i.
+
+  `r_0 = x / s_x` lies in [-127, 127]; `h_i = round(r_i)`, and the scaled
+  residual `r_{i+1} = 254 (r_i - h_i)` lies in [-127, 127] again, so the
+  error after n parts is at most `s_x / (2 * 254^(n-1))` per element.
+  Rows with NaN or inf get a NaN scale (their outputs are NaN).
+  """
+  sx, _ = dynamic_act_scale(x, site, PARTS_SPEC)
+  r = x.astype(jnp.float32) / sx
+  parts = []
+  for _ in range(n):
+    h = jnp.round(r)
+    parts.append(h.astype(jnp.int8))
+    r = (r - h) * _PART_BASE
+  return parts, sx
+
+
+class RowStack:
+  """Stacks int8 activation parts (and zero rows) along the activation's
+  first free axis, and undoes it on the matmul's output.
+
+  Both are no-ops for one part and no padding, so the plain kernels keep
+  their exact graph.
+  """
+
+  def __init__(self, site: Site, shape, lowering: Lowering, *,
+               grouped: bool = False):
+    free = [d for d in range(len(shape))
+            if d not in site.act_contract and d not in site.act_batch]
+    self.parts = max(lowering.act_parts, 1)
+    self.active = bool(free) and site.primitive == "dot_general" and (
+        self.parts > 1 or lowering.min_rows > 1)
+    if not self.active:
+      return
+    self.axis = free[0]
+    self.size = shape[self.axis]
+    other = math.prod(shape[d] for d in free) // max(self.size, 1)
+    need = -(-lowering.min_rows // max(other, 1))
+    self.stacked = max(self.parts * self.size, need)
+    w_free = (len(site.weight_shape) - len(site.weight_contract)
+              - len(site.weight_batch))
+    self.out_axis = (len(site.act_batch) + grouped
+                     + (w_free if site.weight_index == 0 else 0))
+
+  def stack(self, codes: list):
+    if not self.active:
+      return codes[0]
+    x = jnp.concatenate(codes, axis=self.axis) if len(codes) > 1 else codes[0]
+    pad = [(0, 0)] * x.ndim
+    pad[self.axis] = (0, self.stacked - x.shape[self.axis])
+    return jnp.pad(x, pad)
+
+  def combine(self, acc):
+    """The output rows of part 0 plus part i / 254^i, as float32."""
+    if not self.active:
+      return acc
+    block = lambda i: lax.slice_in_dim(acc, i * self.size,
+                                       (i + 1) * self.size,
+                                       axis=self.out_axis)
+    if self.parts == 1:
+      return block(0)
+    out = block(0).astype(jnp.float32)
+    for i in range(1, self.parts):
+      out = out + block(i).astype(jnp.float32) * jnp.float32(
+          _PART_BASE ** -i)
+    return out
+
+
+def exact_weight_only(eqn, site: Site, out, x, payload):
+  """`out`, computed from `x`'s int8 parts, with the float gradient of
+  `x . dequantized(w)` (the parts represent x, so this is its derivative)."""
+  def reference(x, payload):
+    w = payload.materialize()
+    return eqn.primitive.bind(*((w, x) if site.weight_index == 0 else (x, w)),
+                              **eqn.params)
+  return _with_grad_of(reference)(out, x, payload)
+
+
+def _with_grad_of(reference):
+  @jax.custom_vjp
+  def f(out, x, payload):
+    return out
+
+  def fwd(out, x, payload):
+    return out, (x, payload)
+
+  def bwd(res, g):
+    x, payload = res
+    _, vjp = jax.vjp(reference, x, payload)
+    return (jnp.zeros_like(g),) + vjp(g)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
+                lowering: Lowering = PLAIN):
+  """One quantized `dot_general` / `conv_general_dilated` (see module doc).
+
+  `lowering` may pad the activation's rows or, for a weight-only matmul
+  (`act_parts > 0`), replace the quantized activation by its int8 parts
+  (`split_activation`).
+  """
   w = site.weight_index
-  qx, sx, zx, act_spec = quantized_activation(x, site, payload, act_spec)
+  if lowering.act_parts:
+    codes, sx = split_activation(x, site, lowering.act_parts)
+    zx, act_spec = None, PARTS_SPEC
+  else:
+    qx, sx, zx, act_spec = quantized_activation(x, site, payload, act_spec)
+    codes = [qx]
   qw, zw = _signed(payload.values, payload.zero_point, payload.spec)
   params = dict(eqn.params, preferred_element_type=jnp.int32)
   if "precision" in params:
     params["precision"] = None
-  if site.primitive == "conv_general_dilated" and not (
-      lowering.int8_conv_native()):
+  if site.primitive == "conv_general_dilated" and not int8_conv_native():
     params.update(preferred_element_type=jnp.float32,
                   precision=lax.Precision.HIGHEST)
     bind = lambda a, b: eqn.primitive.bind(
@@ -246,6 +358,8 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   else:
     bind = lambda a, b: eqn.primitive.bind(
         *((b, a) if w == 0 else (a, b)), **params)
+  rows = RowStack(site, codes[0].shape, lowering)
+  qx = rows.stack(codes)
   terms, dims = contraction(site, eqn.params)
   acc = accumulate(bind, qx, qw, dims, terms,
                    max_terms(payload.spec, act_spec))
@@ -259,16 +373,20 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
       acc = acc - _conv_scales(eqn, zx, payload.scale)[0] * taps
     return no_grad_through(_rescaled(eqn, site, acc, sx, payload.scale), x)
   to_x, to_w = _output_layout(site, qx.ndim, qw.ndim)
+  if zw is not None:  # per stacked row: each part is a row of its own
+    rowsum = jnp.sum(qx, site.act_contract, jnp.int32, keepdims=True)
+    acc = acc - to_w(zw) * to_x(rowsum)
+  acc = rows.combine(acc)
   if zx is not None:
     colsum = jnp.sum(qw, site.weight_contract, jnp.int32, keepdims=True)
     acc = acc - to_x(zx) * to_w(colsum)
-  if zw is not None:
-    rowsum = jnp.sum(qx, site.act_contract, jnp.int32, keepdims=True)
-    acc = acc - to_w(zw) * to_x(rowsum)
-    if zx is not None:
+    if zw is not None:
       k = layout.contracted_size(qx.shape, site.act_contract)
       acc = acc + k * to_x(zx) * to_w(zw)
-  return no_grad_through(_rescaled(eqn, site, acc, sx, payload.scale), x)
+  out = _rescaled(eqn, site, acc, sx, payload.scale)
+  if lowering.act_parts:
+    return exact_weight_only(eqn, site, out, x, payload)
+  return no_grad_through(out, x)
 
 
 def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
@@ -312,17 +430,25 @@ def _rescaled(eqn, site: Site, acc, sx, sw):
   return out.astype(eqn.outvars[0].aval.dtype)
 
 
-def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
+def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec,
+                        lowering: Lowering = PLAIN):
   """`dot_general` with per-group weight scales as a batch of int8 dots.
 
   With the contraction axis split into G groups of size g,
     x . w ~ s_x sum_G s_w[G] (q_x[G] . q_w[G])
   one `dot_general(s8, s8) -> s32` with G as an extra batch dimension, then
-  a scaled sum over G in float.
+  a scaled sum over G in float. `lowering` as for `int8_matmul`.
   """
   w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
   size = payload.spec.group_size  # <= max_terms: see accumulation_problem
-  qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
+  if lowering.act_parts:
+    codes, sx = split_activation(x, site, lowering.act_parts)
+    zx = None
+  else:
+    qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
+    codes = [qx]
+  rows = RowStack(site, codes[0].shape, lowering, grouped=True)
+  qx = rows.stack(codes)
   split = lambda a, d: a.reshape(a.shape[:d] + (a.shape[d] // size, size)
                                  + a.shape[d + 1:])
   grow = lambda dims, d: tuple(i + (i > d) for i in dims)
@@ -334,7 +460,7 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
   (lc, lb), (rc, rb) = (w_dims, a_dims) if w == 0 else (a_dims, w_dims)
   acc = jax.lax.dot_general(lhs, rhs, ((lc, rc), (lb, rb)),
                             preferred_element_type=jnp.int32)
-  acc = acc.astype(jnp.float32)
+  acc = rows.combine(acc.astype(jnp.float32))
   n_act_free = qx.ndim - 1 - len(site.act_batch)
   n_w_free = payload.values.ndim - 1 - len(site.weight_batch)
   to_x = lambda s: layout.to_output_layout(
@@ -346,7 +472,10 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec):
     colsum = jnp.sum(qwg, cw + 1, jnp.int32, keepdims=True)
     acc = acc - to_x(zx) * to_w(colsum)
   out = jnp.sum(acc * to_x(sx) * to_w(sw), axis=len(site.act_batch))
-  return no_grad_through(out.astype(eqn.outvars[0].aval.dtype), x)
+  out = out.astype(eqn.outvars[0].aval.dtype)
+  if lowering.act_parts:
+    return exact_weight_only(eqn, site, out, x, payload)
+  return no_grad_through(out, x)
 
 
 def _conv_scales(eqn, sx, sw):

@@ -1,12 +1,214 @@
-"""Which lowering a quantized matmul gets on the backend at hand.
+"""Which lowering a quantized matmul gets on the machine at hand.
 
-One place for backend- and shape-dependent choices, each with the reason
-`jq.report` shows, and the measurement behind it.
+One place for backend-, machine- and shape-dependent choices. Every choice
+computes the same numbers (within float32 rounding); only the speed differs,
+and `jq.report` names the one taken per matmul (`OpRecord.lowering`).
+
+The choices, decided at trace time from static shapes and the machine:
+
+- **Row padding.** XLA:CPU multiplies a one-row `dot(s8, s8) -> s32` ~5x
+  slower than float32 (it has a fast float matrix-vector path, no int8 one);
+  with the quantized activation padded by zero rows to 4 the same dot takes
+  about half the float time. Zero rows add zero terms, and are sliced off.
+- **Weight-only as int8 parts.** A float activation `x` is split, per row,
+  into int8 parts: with `r_0 = x / s_x` (`s_x = max|x_row| / 127`),
+  `h_i = round(r_i)` and `r_{i+1} = 254 (r_i - h_i)`,
+
+      x = s_x (h_0 + h_1 / 254 + h_2 / 254^2 + ...),
+
+  within `2^-23 max|x_row|` with 3 parts for float32 (float32's own
+  rounding of `x / s_x` is half of that), and `2^-16 max|x_row|` with 2 for
+  bfloat16 / float16 (finer than their own rounding). The parts are stacked
+  as extra rows of one int8 dot with the stored int8 weight, instead of
+  materialising a dequantized float weight on every call (what XLA:CPU does
+  with `convert` + float dot: 1.3-8x float time at 1-256 rows).
+- **Backends.** XLA:GPU and XLA:TPU fuse the int -> float conversion into
+  their GEMMs and have fast int8 paths: weight-only keeps the dequantized
+  float dot, int8 dots are not padded.
+
+The machine decides (`machine()`): on an x86 CPU with AVX-512 VNNI or
+AVX-VNNI the int8 dot is fast and all three apply; on other CPUs
+(AVX2-only: a raw `dot(s8, s8)` at prefill is 1.06x float there) rows are
+padded but weight-only stays a float dot. `PROFILES` holds the table with
+the measurements behind each row; `python -m experiments.lowering_probe`
+re-measures the formulations on the machine at hand.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import platform
+
 import jax
+import jax.numpy as jnp
+
+# --------------------------------------------------------------------------
+# What one matmul runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+  """How one quantized matmul is computed.
+
+  Attributes:
+    kernel: 'int8 dot', 'grouped int8 dot', 'fp8 dot', 'float dot of the
+      dequantized weight' or 'float dot'.
+    min_rows: the activation's rows (product of its free dimensions) are
+      padded with zero rows up to this many.
+    act_parts: weight-only: the float activation is split into this many
+      int8 parts (0: it is not).
+    note: why, when it is not the plain kernel.
+  """
+
+  kernel: str
+  min_rows: int = 1
+  act_parts: int = 0
+  note: str = ""
+
+  def describe(self) -> str:
+    bits = [self.kernel]
+    if self.act_parts:
+      bits.append(f"activation as {self.act_parts} int8 parts")
+    if self.min_rows > 1:
+      bits.append(f"rows padded to {self.min_rows}")
+    return ", ".join(bits) + (f" ({self.note})" if self.note else "")
+
+
+INT8_DOT, GROUPED_DOT, FP8_DOT = "int8 dot", "grouped int8 dot", "fp8 dot"
+DEQUANTIZED = "float dot of the dequantized weight"
+FLOAT_DOT = "float dot"
+
+# --------------------------------------------------------------------------
+# The table
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  """The lowering choices for one kind of machine, and why.
+
+  Attributes:
+    min_rows: int8 dots with fewer activation rows are padded to this many.
+    split_weight_only: per-channel weight-only matmuls run as an int8 dot on
+      the activation's int8 parts.
+    split_grouped_rows: grouped (per-group scale) weight-only matmuls run
+      as a grouped int8 dot on the activation's parts while parts x rows is
+      at most this (0: never).
+    evidence: the measurements behind the row.
+  """
+
+  min_rows: int = 1
+  split_weight_only: bool = False
+  split_grouped_rows: int = 0
+  evidence: str = ""
+
+
+PROFILES = {
+    "cpu/x86-vnni": Profile(
+        min_rows=4, split_weight_only=True, split_grouped_rows=16,
+        evidence=(
+            "2-core AMD EPYC (AVX-512 VNNI), jax 0.12, 4096 x 4096, time / "
+            "float32 dot: dot(s8,s8) 1 row 5.5x, padded to 4 rows 0.45x; "
+            "2-256 rows 0.3-0.5x. Weight-only: convert + float dot 1.3-8x; "
+            "3 int8 parts 0.5-0.8x at 1-256 rows. Grouped (g128) weight-only:"
+            " dequantize 4.8-5.4x, parts 2.2-2.6x at 1-8 rows but worse from"
+            " 16 stacked rows up (experiments.lowering_probe).")),
+    "cpu/other": Profile(
+        min_rows=4,
+        evidence=(
+            "AVX2-only AMD EPYC, jaxlib 0.10.2 (issue 10): dot(s8,s8) 1 row "
+            "5.6x float, padded to 4 rows ~1.0x; at prefill 1.06x, so "
+            "weight-only int8 parts (3 dots) would lose to the float dot.")),
+    "gpu": Profile(evidence=(
+        "XLA:GPU fuses the int8 -> float conversion into the GEMM (H100, "
+        "jax 0.11.2: weight-only 1.1-1.6x float at 1-256 rows, W8A8 "
+        "0.71-0.86x unpadded).")),
+    "tpu": Profile(evidence="XLA:TPU fuses the conversion; not measured."),
+}
+
+
+def _cpu_flags() -> frozenset:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+@functools.cache
+def machine(backend: str | None = None) -> str:
+  """The `PROFILES` key of this machine: 'gpu', 'tpu', 'cpu/x86-vnni' (an
+  x86 CPU with AVX-512 VNNI or AVX-VNNI) or 'cpu/other'."""
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return backend if backend in PROFILES else "gpu"
+  vnni = {"avx512_vnni", "avx_vnni"} & _cpu_flags()
+  x86 = platform.machine().lower() in ("x86_64", "amd64")
+  return "cpu/x86-vnni" if x86 and vnni else "cpu/other"
+
+
+def check_machine(key: str | None) -> None:
+  if key is not None and key not in PROFILES:
+    raise ValueError(f"machine={key!r}: use one of {sorted(PROFILES)} "
+                     "(or None for this machine's)")
+
+
+def profile(key: str | None = None) -> Profile:
+  """The `PROFILES` row for `key`, or for this machine when None."""
+  return PROFILES[key or machine()]
+
+
+def act_parts(dtype) -> int:
+  """Int8 parts that carry a float activation of `dtype` to its precision
+  (0 when none do: float64)."""
+  bits = jnp.finfo(dtype).nmant + 1
+  if bits > 24:
+    return 0
+  return 2 if bits <= 11 else 3
+
+
+def rows(site) -> int:
+  """The activation's rows: the product of its free dimensions."""
+  n = 1
+  for d, size in enumerate(site.act_shape):
+    if d not in site.act_contract and d not in site.act_batch:
+      n *= size
+  return n
+
+
+def has_row_axis(site) -> bool:
+  return any(d not in site.act_contract and d not in site.act_batch
+             for d in range(len(site.act_shape)))
+
+
+def _padding(site, prof: Profile, parts: int) -> int:
+  if site.primitive != "dot_general" or not has_row_axis(site):
+    return 1
+  return prof.min_rows if rows(site) * max(parts, 1) < prof.min_rows else 1
+
+
+def choose_int8(site, grouped: bool, key: str | None = None) -> Lowering:
+  """The lowering of an int8 x int8 matmul (W8A8, W4A8) on machine `key`
+  (a `PROFILES` key; None: this machine)."""
+  kernel = GROUPED_DOT if grouped else INT8_DOT
+  return Lowering(kernel, _padding(site, profile(key), 1))
+
+
+def choose_weight_only(site, grouped: bool, act_dtype,
+                       key: str | None = None) -> Lowering:
+  """The lowering of a weight-only matmul on a quantized integer weight."""
+  prof = profile(key)
+  parts = act_parts(act_dtype)
+  # Parts are stacked along a free (row) axis of the activation.
+  ok = parts and site.primitive == "dot_general" and has_row_axis(site)
+  if ok and not grouped and prof.split_weight_only:
+    return Lowering(INT8_DOT, _padding(site, prof, parts), parts)
+  if ok and grouped and rows(site) * parts <= prof.split_grouped_rows:
+    return Lowering(GROUPED_DOT, _padding(site, prof, parts), parts)
+  return Lowering(DEQUANTIZED)
 
 
 def int8_conv_native(backend: str | None = None) -> bool:

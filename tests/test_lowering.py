@@ -1,0 +1,183 @@
+"""Lowering choices (`jaxquant.engine.lowering`): every machine's choice
+computes the same numbers; the fast ones really are int8; report names them.
+
+Each profile is forced with `machine=`, so these run on any CI machine.
+"""
+
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant.engine import kernels, lowering
+
+MACHINES = sorted(lowering.PROFILES)
+FAST = "cpu/x86-vnni"  # pads rows, runs weight-only on int8 parts
+
+MODES = {
+    "W8A8": dict(weight=jq.int8(), act=jq.int8()),
+    "W8A8 asym act": dict(weight=jq.int8(), act=jq.uint8(symmetric=False)),
+    "W8A16": dict(weight=jq.int8()),
+    "U8A16 asym": dict(weight=jq.uint8(symmetric=False)),
+    "W4A16 g32": dict(weight=jq.int4(group_size=32)),
+    "W4A8 g32": dict(weight=jq.int4(group_size=32), act=jq.int8()),
+    "W2A16": dict(weight=jq.int2()),
+}
+WEIGHT_ONLY = {name for name, rule in MODES.items() if "act" not in rule}
+
+
+def dense(shape, n=48, dtype=jnp.float32, seed=0):
+  model = nn.Dense(n, use_bias=False, param_dtype=jnp.float32, dtype=dtype)
+  x = jax.random.normal(jax.random.key(seed + 1), shape).astype(dtype)
+  return model, model.init(jax.random.key(seed), x), x
+
+
+def run(model, params, x, mode, machine):
+  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  qapply = jax.jit(jq.quantized_apply(model.apply, recipe, machine=machine))
+  op = jq.report(model.apply, qparams, recipe, x, machine=machine).ops[0]
+  return qapply(qparams, x), qparams, op
+
+
+def rel_err(out, ref):
+  out, ref = (np.asarray(a, np.float64) for a in (out, ref))
+  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (3, 96), (2, 1, 96), (16, 96),
+                                   (96,)])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_machine_computes_the_same_numbers(shape, mode):
+  model, params, x = dense(shape)
+  outs = {m: run(model, params, x, mode, m) for m in MACHINES}
+  ref, qparams, _ = outs["gpu"]  # plain kernels, no padding, no parts
+  if mode in WEIGHT_ONLY:  # float x on the dequantized weights
+    ref = model.apply(jq.dequantize_tree(qparams), x)
+  for machine, (out, _, op) in outs.items():
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < 2e-6, (machine, op.lowering)
+
+
+def test_report_names_the_lowering():
+  model, params, x = dense((1, 96))
+  lows = {(m, mode): run(model, params, x, mode, m)[2].lowering
+          for m in (FAST, "gpu") for mode in ("W8A8", "W8A16", "W4A16 g32")}
+  assert lows[FAST, "W8A8"] == "int8 dot, rows padded to 4"
+  assert lows[FAST, "W8A16"] == (
+      "int8 dot, activation as 3 int8 parts, rows padded to 4")
+  assert lows[FAST, "W4A16 g32"] == (
+      "grouped int8 dot, activation as 3 int8 parts, rows padded to 4")
+  assert lows["gpu", "W8A8"] == "int8 dot"
+  assert lows["gpu", "W8A16"] == "float dot of the dequantized weight"
+  # Many rows: no padding; grouped weight-only parts stop at 16 rows.
+  model, params, x = dense((64, 96))
+  assert run(model, params, x, "W8A8", FAST)[2].lowering == "int8 dot"
+  assert run(model, params, x, "W4A16 g32", FAST)[2].lowering == (
+      "float dot of the dequantized weight")
+  # One-dimensional activations have no row axis to stack parts along.
+  model, params, x = dense((96,))
+  assert run(model, params, x, "W8A16", FAST)[2].lowering == (
+      "float dot of the dequantized weight")
+  table = str(jq.report(model.apply, params, jq.Recipe(
+      [jq.Rule(".*kernel", weight=jq.int8())]), x, machine=FAST))
+  assert "lowering" in table.splitlines()[0]
+
+
+def _i8_dots(fn, *args) -> int:
+  text = jax.jit(fn).lower(*args).as_text()
+  return len(re.findall(r"dot_general[^\n]*tensor<[^>]*xi8>", text))
+
+
+@pytest.mark.parametrize("mode", ["W8A16", "W4A16 g32"])
+def test_weight_only_parts_lower_to_int8_dots(mode):
+  model, params, x = dense((2, 96))
+  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
+  slow = jq.quantized_apply(model.apply, recipe, machine="gpu")
+  assert _i8_dots(fast, qparams, x) == 1  # parts stacked: one dot
+  assert _i8_dots(slow, qparams, x) == 0
+
+
+def test_padded_rows_keep_one_int8_dot_and_slice_them_off():
+  model, params, x = dense((1, 96))
+  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES["W8A8"])])
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  text = jax.jit(jq.quantized_apply(model.apply, recipe, machine=FAST)).lower(
+      qparams, x).as_text()
+  assert re.search(r"dot_general[^\n]*tensor<4x96xi8>", text)
+
+
+@pytest.mark.parametrize("dtype,parts", [(jnp.float32, 3), (jnp.bfloat16, 2),
+                                         (jnp.float16, 2)])
+def test_split_activation_matches_numpy_bound(dtype, parts):
+  assert lowering.act_parts(dtype) == parts
+  x = jax.random.normal(jax.random.key(0), (5, 300)) * jnp.array(
+      [[1.0], [1e-3], [1e4], [0.0], [3.0]])
+  x = x.at[4, 7].set(250.0)  # one outlier per row sets the scale
+  # split_activation reads only the activation's contracted axes.
+  rows = type("Site", (), {"act_contract": (1,)})()
+  codes, sx = kernels.split_activation(x, rows, parts)
+  assert all(c.dtype == jnp.int8 for c in codes)
+  xs = np.asarray(x, np.float64)
+  rebuilt = sum(np.asarray(c, np.float64) / 254.0**i
+                for i, c in enumerate(codes)) * np.asarray(sx, np.float64)
+  step = np.abs(xs).max(1, keepdims=True) / 127
+  # The parts' own error, plus float32 rounding of x / s_x (|r| <= 127).
+  bound = step * (0.5 / 254.0 ** (parts - 1) + 130 * 2.0**-24)
+  assert np.all(np.abs(rebuilt - xs) <= bound)
+
+
+def test_weight_only_parts_keep_nan_rows_to_themselves():
+  model, params, x = dense((4, 96))
+  x = x.at[1, 5].set(jnp.nan).at[2, 0].set(jnp.inf)
+  for mode in ("W8A16", "W4A16 g32"):
+    out, qparams, op = run(model, params, x, mode, FAST)
+    assert "int8 parts" in op.lowering
+    ref = model.apply(jq.dequantize_tree(qparams), x)
+    assert np.all(np.isnan(out[1])) and np.all(np.isnan(out[2]))
+    chex.assert_trees_all_close(out[np.array([0, 3])], ref[np.array([0, 3])],
+                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["W8A16", "W4A16 g32"])
+def test_weight_only_parts_have_the_float_gradient(mode):
+  model, params, x = dense((2, 96))
+  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
+  deq = jq.dequantize_tree(qparams)
+  loss = lambda f, p: lambda x: jnp.sum(jnp.sin(f(p, x)))
+  g = jax.grad(loss(fast, qparams))(x)
+  g_ref = jax.grad(loss(model.apply, deq))(x)
+  chex.assert_trees_all_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_weight_contracted_on_its_last_axis_and_bf16():
+  # The weight (n, k) is contracted on axis 1; rows padded on the act.
+  w = jax.random.normal(jax.random.key(0), (40, 64))
+  f = lambda p, x: jnp.einsum("btk,nk->btn", x, p["w"])
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x = jax.random.normal(jax.random.key(1), (1, 1, 64)).astype(dtype)
+    params = {"w": w.astype(dtype)}
+    for mode in ("W8A8", "W8A16"):
+      recipe = jq.Recipe([jq.Rule("w", **MODES[mode])])
+      qparams = jq.quantize_params(f, params, recipe, x)
+      out = jax.jit(jq.quantized_apply(f, recipe, machine=FAST))(qparams, x)
+      ref = jax.jit(jq.quantized_apply(f, recipe, machine="gpu"))(qparams, x)
+      assert out.dtype == dtype
+      tol = 2e-6 if dtype == jnp.float32 else 1e-2
+      assert rel_err(out, ref) < tol, (dtype, mode)
+
+
+def test_unknown_machine_raises():
+  model, params, x = dense((1, 96))
+  recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8())])
+  with pytest.raises(ValueError, match="machine='tpu-v9'.*cpu/x86-vnni"):
+    jq.quantized_apply(model.apply, recipe, machine="tpu-v9")(params, x)
