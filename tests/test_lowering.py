@@ -16,8 +16,13 @@ import pytest
 import jaxquant as jq
 from jaxquant.engine import kernels, lowering
 
-MACHINES = sorted(lowering.PROFILES)
 FAST = "cpu/x86-vnni"  # pads rows, runs weight-only on int8 parts
+# Profiles that force each per-group formulation at every row count.
+PER_GROUP = lowering.Profile(min_rows=4, weight_only_parts=True,
+                             grouped_rows=(0, 10**9))
+FLOAT_GROUPS = lowering.Profile(weight_only_parts=True, grouped_rows=(0, 0))
+MACHINES = {**lowering.PROFILES, "per group": PER_GROUP,
+            "float groups": FLOAT_GROUPS}
 
 MODES = {
     "W8A8": dict(weight=jq.int8(), act=jq.int8()),
@@ -26,6 +31,8 @@ MODES = {
     "U8A16 asym": dict(weight=jq.uint8(symmetric=False)),
     "W4A16 g32": dict(weight=jq.int4(group_size=32)),
     "W4A8 g32": dict(weight=jq.int4(group_size=32), act=jq.int8()),
+    "W4A8 g32 asym act": dict(weight=jq.int4(group_size=32),
+                              act=jq.uint8(symmetric=False)),
     "W2A16": dict(weight=jq.int2()),
 }
 WEIGHT_ONLY = {name for name, rule in MODES.items() if "act" not in rule}
@@ -55,7 +62,8 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_every_machine_computes_the_same_numbers(shape, mode):
   model, params, x = dense(shape)
-  outs = {m: run(model, params, x, mode, m) for m in MACHINES}
+  outs = {name: run(model, params, x, mode, m)
+          for name, m in MACHINES.items()}
   ref, qparams, _ = outs["gpu"]  # plain kernels, no padding, no parts
   if mode in WEIGHT_ONLY:  # float x on the dequantized weights
     ref = model.apply(jq.dequantize_tree(qparams), x)
@@ -75,11 +83,25 @@ def test_report_names_the_lowering():
       "grouped int8 dot, activation as 3 int8 parts, rows padded to 4")
   assert lows["gpu", "W8A8"] == "int8 dot"
   assert lows["gpu", "W8A16"] == "float dot of the dequantized weight"
-  # Many rows: no padding; grouped weight-only parts stop at 16 rows.
+  # Per-group weights by (stacked) row count: batched, per group, float.
+  by_rows = {m: (run(*dense((m, 96)), "W4A8 g32", FAST)[2].lowering,
+                 run(*dense((m, 96)), "W4A16 g32", FAST)[2].lowering)
+             for m in (1, 2, 8, 128)}
+  assert by_rows == {
+      1: ("grouped int8 dot, rows padded to 4",
+          "grouped int8 dot, activation as 3 int8 parts, rows padded to 4"),
+      2: ("grouped int8 dot, rows padded to 4",
+          "int8 dot per group, activation as 3 int8 parts"),
+      8: ("int8 dot per group",
+          "int8 dot per group, activation as 3 int8 parts"),
+      128: ("float dot of the quantized activation and dequantized weight",
+            "float dot of the dequantized weight")}
+  # More groups than MAX_GROUP_DOTS stay one batched dot.
+  groups = lowering.MAX_GROUP_DOTS + 1
+  assert run(*dense((8, 32 * groups), n=8), "W4A8 g32", FAST)[2].lowering == (
+      "grouped int8 dot")
   model, params, x = dense((64, 96))
   assert run(model, params, x, "W8A8", FAST)[2].lowering == "int8 dot"
-  assert run(model, params, x, "W4A16 g32", FAST)[2].lowering == (
-      "float dot of the dequantized weight")
   # One-dimensional activations have no row axis to stack parts along.
   model, params, x = dense((96,))
   assert run(model, params, x, "W8A16", FAST)[2].lowering == (
@@ -101,7 +123,8 @@ def test_weight_only_parts_lower_to_int8_dots(mode):
   qparams = jq.quantize_params(model.apply, params, recipe, x)
   fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
   slow = jq.quantized_apply(model.apply, recipe, machine="gpu")
-  assert _i8_dots(fast, qparams, x) == 1  # parts stacked: one dot
+  # Parts stacked as rows: one dot, or one per group (2 x 3 parts = 6 rows).
+  assert _i8_dots(fast, qparams, x) == (1 if mode == "W8A16" else 96 // 32)
   assert _i8_dots(slow, qparams, x) == 0
 
 
@@ -174,6 +197,20 @@ def test_einsum_weight_contracted_on_its_last_axis_and_bf16():
       assert out.dtype == dtype
       tol = 2e-6 if dtype == jnp.float32 else 1e-2
       assert rel_err(out, ref) < tol, (dtype, mode)
+
+
+def test_static_activation_scales_under_every_grouped_lowering():
+  model, params, x = dense((8, 96))
+  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES["W4A8 g32 asym act"])])
+  batches = [jax.random.normal(jax.random.key(i), (8, 96)) for i in range(3)]
+  stats = jq.calibrate(model.apply, params, recipe, batches)
+  qparams = jq.quantize_params(model.apply, params, recipe, x, stats=stats)
+  outs = [jax.jit(jq.quantized_apply(model.apply, recipe, machine=m))(
+      qparams, x) for m in ("gpu", PER_GROUP, FLOAT_GROUPS)]
+  assert all(rel_err(out, outs[0]) < 2e-6 for out in outs[1:])
+  ops = [jq.report(model.apply, qparams, recipe, x, machine=m).ops[0]
+         for m in (PER_GROUP, FLOAT_GROUPS)]
+  assert [op.reason for op in ops] == ["static activation scale"] * 2
 
 
 def test_unknown_machine_raises():

@@ -13,9 +13,9 @@ import functools
 from jaxquant import numerics
 from jaxquant.engine import lowering
 from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
-                                     activation_scale, fp8_matmul,
-                                     grouped_int8_matmul, int8_matmul,
-                                     max_terms, static_act)
+                                     activation_scale, fake_quant_matmul,
+                                     fp8_matmul, grouped_int8_matmul,
+                                     int8_matmul, max_terms, static_act)
 from jaxquant.engine.lowering import Lowering
 from jaxquant.engine.payloads import (GROUP_MOVED, DequantizedPayload,
                                       GroupPayload, QuantPayload)
@@ -159,6 +159,13 @@ def params_recipe_mismatch(path, payload, rule) -> str | None:
   return None
 
 
+def _groups(site: Site, payload) -> int:
+  """Weight groups along the contraction (0: per-channel scales)."""
+  if not isinstance(payload, GroupPayload):
+    return 0
+  return site.weight_shape[site.weight_contract[0]] // payload.spec.group_size
+
+
 @dataclasses.dataclass(frozen=True)
 class OpRecord:
   """How one matmul ran: `mode` is 'int8', 'weight-only' or 'float'."""
@@ -213,7 +220,8 @@ class QuantizedHandler(Handler):
   records: list = dataclasses.field(default_factory=list)
   # Raise on params that do not match the recipe (report() records them).
   strict: bool = True
-  machine: str | None = None  # a `lowering.PROFILES` key; None: this one
+  # A `lowering.PROFILES` key or a `lowering.Profile`; None: this machine.
+  machine: str | lowering.Profile | None = None
 
   def on_matmul(self, eqn, site, rule, invals):
     if site is None:
@@ -246,8 +254,10 @@ class QuantizedHandler(Handler):
     emulated = conv and not lowering.int8_conv_native()
     reason = "; ".join(filter(None, [
         static, lowering.INT8_CONV_EMULATED if emulated else ""]))
-    how = lowering.choose_int8(site, grouped, self.machine)
+    how = lowering.choose_int8(site, _groups(site, payload), self.machine)
     record(INT8, reason, act, how)
+    if how.kernel == lowering.FAKE_QUANT_DOT:
+      return [fake_quant_matmul(eqn, site, x, payload, rule.act)]
     kernel = grouped_int8_matmul if grouped else int8_matmul
     return [kernel(eqn, site, x, payload, rule.act, how)]
 
@@ -261,8 +271,8 @@ class QuantizedHandler(Handler):
     if isinstance(payload, QuantPayload):
       plain = dataclasses.replace(payload, act=None)
       if not int_path_problem(site, plain, PARTS_SPEC, eqn.params):
-        how = lowering.choose_weight_only(
-            site, isinstance(payload, GroupPayload), x.dtype, self.machine)
+        how = lowering.choose_weight_only(site, _groups(site, payload),
+                                          x.dtype, self.machine)
     record(WEIGHT_ONLY, reason, act_spec, how)
     if not how.act_parts:
       return bind_plain(eqn, invals)

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant import numerics
-from jaxquant.engine.lowering import Lowering, int8_conv_native
+from jaxquant.engine.lowering import (PER_GROUP_DOTS, Lowering,
+                                     int8_conv_native)
 from jaxquant.engine.payloads import GroupPayload, QuantPayload
 from jaxquant.spec import QuantSpec
 from jaxquant.transform import layout
@@ -432,21 +433,40 @@ def _rescaled(eqn, site: Site, acc, sx, sw):
 
 def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec,
                         lowering: Lowering = PLAIN):
-  """`dot_general` with per-group weight scales as a batch of int8 dots.
+  """`dot_general` with per-group weight scales: int8 dots per group.
 
   With the contraction axis split into G groups of size g,
     x . w ~ s_x sum_G s_w[G] (q_x[G] . q_w[G])
-  one `dot_general(s8, s8) -> s32` with G as an extra batch dimension, then
-  a scaled sum over G in float. `lowering` as for `int8_matmul`.
+  either one `dot_general(s8, s8) -> s32` with G as an extra batch
+  dimension, then a scaled sum over G in float, or (`lowering.kernel ==
+  PER_GROUP_DOTS`) one plain int8 dot per group, each scaled into a float
+  accumulator. `lowering` may also pad rows or use activation parts, as
+  for `int8_matmul`.
   """
-  w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
-  size = payload.spec.group_size  # <= max_terms: see accumulation_problem
   if lowering.act_parts:
     codes, sx = split_activation(x, site, lowering.act_parts)
     zx = None
   else:
     qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
     codes = [qx]
+  if lowering.kernel == PER_GROUP_DOTS:
+    out = _per_group_dots(site, codes, zx, payload, lowering)
+    to_x, _ = _output_layout(site, len(site.act_shape),
+                             len(site.weight_shape))
+    out = out * to_x(sx)
+  else:
+    out = _batched_group_dot(site, codes, sx, zx, payload, lowering)
+  out = out.astype(eqn.outvars[0].aval.dtype)
+  if lowering.act_parts:
+    return exact_weight_only(eqn, site, out, x, payload)
+  return no_grad_through(out, x)
+
+
+def _batched_group_dot(site: Site, codes, sx, zx, payload: GroupPayload,
+                       lowering: Lowering):
+  """sum_G s_w[G] (q_x[G] . q_w[G]) s_x, G as a batch dimension."""
+  w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
+  size = payload.spec.group_size  # <= max_terms: see accumulation_problem
   rows = RowStack(site, codes[0].shape, lowering, grouped=True)
   qx = rows.stack(codes)
   split = lambda a, d: a.reshape(a.shape[:d] + (a.shape[d] // size, size)
@@ -471,10 +491,44 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec,
   if zx is not None:
     colsum = jnp.sum(qwg, cw + 1, jnp.int32, keepdims=True)
     acc = acc - to_x(zx) * to_w(colsum)
-  out = jnp.sum(acc * to_x(sx) * to_w(sw), axis=len(site.act_batch))
-  out = out.astype(eqn.outvars[0].aval.dtype)
-  if lowering.act_parts:
-    return exact_weight_only(eqn, site, out, x, payload)
+  return jnp.sum(acc * to_x(sx) * to_w(sw), axis=len(site.act_batch))
+
+
+def _per_group_dots(site: Site, codes, zx, payload: GroupPayload,
+                    lowering: Lowering):
+  """sum_G s_w[G] (q_x[G] . q_w[G]) in float, one int8 dot per group
+  (without s_x)."""
+  w, (ca,), (cw,) = site.weight_index, site.act_contract, site.weight_contract
+  size = payload.spec.group_size
+  rows = RowStack(site, codes[0].shape, lowering)
+  qx, qw = rows.stack(codes), payload.values
+  dims = (((cw,), (ca,)), (site.weight_batch, site.act_batch)) if w == 0 else (
+      ((ca,), (cw,)), (site.act_batch, site.weight_batch))
+  to_x, to_w = _output_layout(site, qx.ndim, qw.ndim)
+  acc = None
+  for g in range(qw.shape[cw] // size):
+    a = lax.slice_in_dim(qx, g * size, (g + 1) * size, axis=ca)
+    b = lax.slice_in_dim(qw, g * size, (g + 1) * size, axis=cw)
+    part = rows.combine(jax.lax.dot_general(
+        *((b, a) if w == 0 else (a, b)), dims,
+        preferred_element_type=jnp.int32).astype(jnp.float32))
+    if zx is not None:
+      part = part - to_x(zx) * to_w(jnp.sum(b, cw, jnp.int32, keepdims=True))
+    part = part * to_w(lax.slice_in_dim(payload.scale, g, g + 1, axis=cw))
+    acc = part if acc is None else acc + part
+  return acc
+
+
+def fake_quant_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
+  """The quantized activation times the dequantized weight, in float: the
+  numbers of the int8 kernels up to float rounding, for machines and shapes
+  where the int8 form is slower (`lowering.FAKE_QUANT_DOT`)."""
+  qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
+  xq = qx.astype(jnp.float32) - (0.0 if zx is None else zx)
+  xq = (xq * sx).astype(eqn.invars[site.act_index].aval.dtype)
+  wq = payload.materialize()
+  out = eqn.primitive.bind(*((wq, xq) if site.weight_index == 0 else (xq, wq)),
+                           **eqn.params)
   return no_grad_through(out, x)
 
 

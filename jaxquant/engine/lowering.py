@@ -22,6 +22,11 @@ The choices, decided at trace time from static shapes and the machine:
   as extra rows of one int8 dot with the stored int8 weight, instead of
   materialising a dequantized float weight on every call (what XLA:CPU does
   with `convert` + float dot: 1.3-8x float time at 1-256 rows).
+- **Per-group weights** (int4 in groups of 128): XLA:CPU runs a batched
+  int8 dot (groups as the batch dimension) well only for a few rows; one
+  int8 dot per group is faster from ~12 rows, and from ~48 rows the float
+  dot of the dequantized weight (and, with int8 activations, of the
+  quantized activation: the same numbers up to float rounding) wins.
 - **Backends.** XLA:GPU and XLA:TPU fuse the int -> float conversion into
   their GEMMs and have fast int8 paths: weight-only keeps the dequantized
   float dot, int8 dots are not padded.
@@ -76,7 +81,9 @@ class Lowering:
 
 
 INT8_DOT, GROUPED_DOT, FP8_DOT = "int8 dot", "grouped int8 dot", "fp8 dot"
+PER_GROUP_DOTS = "int8 dot per group"
 DEQUANTIZED = "float dot of the dequantized weight"
+FAKE_QUANT_DOT = "float dot of the quantized activation and dequantized weight"
 FLOAT_DOT = "float dot"
 
 # --------------------------------------------------------------------------
@@ -89,30 +96,36 @@ class Profile:
 
   Attributes:
     min_rows: int8 dots with fewer activation rows are padded to this many.
-    split_weight_only: per-channel weight-only matmuls run as an int8 dot on
+    weight_only_parts: per-channel weight-only matmuls run as an int8 dot on
       the activation's int8 parts.
-    split_grouped_rows: grouped (per-group scale) weight-only matmuls run
-      as a grouped int8 dot on the activation's parts while parts x rows is
-      at most this (0: never).
+    grouped_rows: for per-group weights, `(batched, per_group)`: with at
+      most `batched` rows (parts included) one int8 dot with the groups as
+      a batch dimension, up to `per_group` one int8 dot per group, above
+      that a float dot of the (quantized) activation and the dequantized
+      weight. None: always the batched int8 dot with int8 activations, the
+      dequantized float dot weight-only.
     evidence: the measurements behind the row.
   """
 
   min_rows: int = 1
-  split_weight_only: bool = False
-  split_grouped_rows: int = 0
+  weight_only_parts: bool = False
+  grouped_rows: tuple[int, int] | None = None
   evidence: str = ""
 
 
 PROFILES = {
     "cpu/x86-vnni": Profile(
-        min_rows=4, split_weight_only=True, split_grouped_rows=16,
+        min_rows=4, weight_only_parts=True, grouped_rows=(4, 64),
         evidence=(
             "2-core AMD EPYC (AVX-512 VNNI), jax 0.12, 4096 x 4096, time / "
-            "float32 dot: dot(s8,s8) 1 row 5.5x, padded to 4 rows 0.45x; "
-            "2-256 rows 0.3-0.5x. Weight-only: convert + float dot 1.3-8x; "
-            "3 int8 parts 0.5-0.8x at 1-256 rows. Grouped (g128) weight-only:"
-            " dequantize 4.8-5.4x, parts 2.2-2.6x at 1-8 rows but worse from"
-            " 16 stacked rows up (experiments.lowering_probe).")),
+            "float32 dot (experiments.decode, experiments.lowering_probe): "
+            "dot(s8,s8) 1 row 7.4x, padded to 4 rows 0.7-0.9x; 2-256 rows "
+            "0.3-0.5x. Weight-only: convert + float dot 1.3-8x, 3 int8 parts"
+            " 0.5-1.1x at 1-256 rows. W4A8 g128 (int4 unpacked per call): "
+            "batched int8 dot 1.6-2.7x, one int8 dot per group 0.97-1.8x, "
+            "the float dot 1.6-9x at 1-256 rows (per group best up to 64 "
+            "rows, float at 256); with int8 weights (unpacking hoisted, as "
+            "in a decode loop) batched 1.4x vs per group 1.65x at 4 rows.")),
     "cpu/other": Profile(
         min_rows=4,
         evidence=(
@@ -150,15 +163,16 @@ def machine(backend: str | None = None) -> str:
   return "cpu/x86-vnni" if x86 and vnni else "cpu/other"
 
 
-def check_machine(key: str | None) -> None:
-  if key is not None and key not in PROFILES:
-    raise ValueError(f"machine={key!r}: use one of {sorted(PROFILES)} "
-                     "(or None for this machine's)")
+def check_machine(key) -> None:
+  if key is not None and not isinstance(key, Profile) and key not in PROFILES:
+    raise ValueError(f"machine={key!r}: use one of {sorted(PROFILES)}, a "
+                     "lowering.Profile, or None for this machine's")
 
 
-def profile(key: str | None = None) -> Profile:
-  """The `PROFILES` row for `key`, or for this machine when None."""
-  return PROFILES[key or machine()]
+def profile(key: str | Profile | None = None) -> Profile:
+  """`key` itself if a `Profile`, else its `PROFILES` row (this machine's
+  when None)."""
+  return key if isinstance(key, Profile) else PROFILES[key or machine()]
 
 
 def act_parts(dtype) -> int:
@@ -190,25 +204,46 @@ def _padding(site, prof: Profile, parts: int) -> int:
   return prof.min_rows if rows(site) * max(parts, 1) < prof.min_rows else 1
 
 
-def choose_int8(site, grouped: bool, key: str | None = None) -> Lowering:
-  """The lowering of an int8 x int8 matmul (W8A8, W4A8) on machine `key`
-  (a `PROFILES` key; None: this machine)."""
-  kernel = GROUPED_DOT if grouped else INT8_DOT
-  return Lowering(kernel, _padding(site, profile(key), 1))
+# One dot per group unrolls into this many dots at most (compile time).
+MAX_GROUP_DOTS = 64
 
 
-def choose_weight_only(site, grouped: bool, act_dtype,
-                       key: str | None = None) -> Lowering:
+def _grouped(site, prof: Profile, parts: int, groups: int
+             ) -> Lowering | None:
+  """The grouped lowering for `rows x parts` stacked rows (parts = 0: int8
+  activations) and `groups` groups, or None where the float dot is faster."""
+  stacked = rows(site) * max(parts, 1)
+  batched, per_group = prof.grouped_rows or (stacked, stacked)
+  if stacked <= batched or (stacked <= per_group and groups > MAX_GROUP_DOTS):
+    return Lowering(GROUPED_DOT, _padding(site, prof, parts), parts)
+  if stacked <= per_group:
+    return Lowering(PER_GROUP_DOTS, _padding(site, prof, parts), parts)
+  return None
+
+
+def choose_int8(site, groups: int, key=None) -> Lowering:
+  """The lowering of an int8 x int8 matmul (W8A8, W4A8: `groups` > 0 weight
+  groups along the contraction) on machine `key` (a `PROFILES` key or a
+  `Profile`; None: this machine)."""
+  prof = profile(key)
+  if not groups:
+    return Lowering(INT8_DOT, _padding(site, prof, 1))
+  return _grouped(site, prof, 0, groups) or Lowering(FAKE_QUANT_DOT)
+
+
+def choose_weight_only(site, groups: int, act_dtype, key=None) -> Lowering:
   """The lowering of a weight-only matmul on a quantized integer weight."""
   prof = profile(key)
   parts = act_parts(act_dtype)
   # Parts are stacked along a free (row) axis of the activation.
-  ok = parts and site.primitive == "dot_general" and has_row_axis(site)
-  if ok and not grouped and prof.split_weight_only:
-    return Lowering(INT8_DOT, _padding(site, prof, parts), parts)
-  if ok and grouped and rows(site) * parts <= prof.split_grouped_rows:
-    return Lowering(GROUPED_DOT, _padding(site, prof, parts), parts)
-  return Lowering(DEQUANTIZED)
+  if not (parts and site.primitive == "dot_general" and has_row_axis(site)):
+    return Lowering(DEQUANTIZED)
+  if not groups:
+    return (Lowering(INT8_DOT, _padding(site, prof, parts), parts)
+            if prof.weight_only_parts else Lowering(DEQUANTIZED))
+  if prof.grouped_rows is None:
+    return Lowering(DEQUANTIZED)
+  return _grouped(site, prof, parts, groups) or Lowering(DEQUANTIZED)
 
 
 def int8_conv_native(backend: str | None = None) -> bool:
