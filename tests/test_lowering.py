@@ -44,6 +44,13 @@ def dense(shape, n=48, dtype=jnp.float32, seed=0):
   return model, model.init(jax.random.key(seed), x), x
 
 
+def quantized(mode, shape):
+  """(model, recipe, quantized params, x) of a Dense layer in `mode`."""
+  model, params, x = dense(shape)
+  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
+  return model, recipe, jq.quantize_params(model.apply, params, recipe, x), x
+
+
 def run(model, params, x, mode, machine):
   recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
   qparams = jq.quantize_params(model.apply, params, recipe, x)
@@ -118,9 +125,7 @@ def _i8_dots(fn, *args) -> int:
 
 @pytest.mark.parametrize("mode", ["W8A16", "W4A16 g32"])
 def test_weight_only_parts_lower_to_int8_dots(mode):
-  model, params, x = dense((2, 96))
-  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
-  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  model, recipe, qparams, x = quantized(mode, (2, 96))
   fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
   slow = jq.quantized_apply(model.apply, recipe, machine="gpu")
   # Parts stacked as rows: one dot, or one per group (2 x 3 parts = 6 rows).
@@ -129,9 +134,7 @@ def test_weight_only_parts_lower_to_int8_dots(mode):
 
 
 def test_padded_rows_keep_one_int8_dot_and_slice_them_off():
-  model, params, x = dense((1, 96))
-  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES["W8A8"])])
-  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  model, recipe, qparams, x = quantized("W8A8", (1, 96))
   text = jax.jit(jq.quantized_apply(model.apply, recipe, machine=FAST)).lower(
       qparams, x).as_text()
   assert re.search(r"dot_general[^\n]*tensor<4x96xi8>", text)
@@ -171,9 +174,7 @@ def test_weight_only_parts_keep_nan_rows_to_themselves():
 
 @pytest.mark.parametrize("mode", ["W8A16", "W4A16 g32"])
 def test_weight_only_parts_have_the_float_gradient(mode):
-  model, params, x = dense((2, 96))
-  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
-  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  model, recipe, qparams, x = quantized(mode, (2, 96))
   fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
   deq = jq.dequantize_tree(qparams)
   loss = lambda f, p: lambda x: jnp.sum(jnp.sin(f(p, x)))
