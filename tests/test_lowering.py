@@ -200,6 +200,21 @@ def test_einsum_weight_contracted_on_its_last_axis_and_bf16():
       assert rel_err(out, ref) < tol, (dtype, mode)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("mode", ["W8A8", "W8A16", "W4A16 g32", "W4A8 g32"])
+def test_weight_on_the_left_of_the_dot(mode, m):
+  f = lambda p, x: p["w"] @ x  # (n, k) @ (k, m): the rows are x's axis 1
+  params = {"w": jax.random.normal(jax.random.key(0), (40, 64))}
+  x = jax.random.normal(jax.random.key(1), (64, m))
+  recipe = jq.Recipe([jq.Rule("w", **MODES[mode])])
+  qparams = jq.quantize_params(f, params, recipe, x)
+  ref = (jax.jit(jq.quantized_apply(f, recipe, machine="gpu"))(qparams, x)
+         if mode not in WEIGHT_ONLY else f(jq.dequantize_tree(qparams), x))
+  for machine in (FAST, PER_GROUP):
+    out = jax.jit(jq.quantized_apply(f, recipe, machine=machine))(qparams, x)
+    assert rel_err(out, ref) < 2e-6, machine
+
+
 def test_static_activation_scales_under_every_grouped_lowering():
   model, params, x = dense((8, 96))
   recipe = jq.Recipe([jq.Rule(".*kernel", **MODES["W4A8 g32 asym act"])])
