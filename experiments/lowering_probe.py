@@ -34,7 +34,7 @@ FORMULATIONS = {
              "rows padded to 4": lowering.Profile(min_rows=4)},
     "W8A16": {"dequantized": lowering.Profile(),
               "int8 parts": lowering.Profile(min_rows=4,
-                                             weight_only_parts=True)},
+                                             weight_only_parts=BIG)},
     "W4A8 g128": {
         "batched": lowering.Profile(min_rows=4, grouped_rows=(BIG, BIG)),
         "per group": lowering.Profile(min_rows=4, grouped_rows=(0, BIG)),
@@ -86,7 +86,7 @@ def run(args) -> dict:
   return {"machine": lowering.machine(), "cpu": platform.processor() or
           platform.machine(), "backend": jax.default_backend(),
           "jax": jax.__version__, "shape": f"{k}x{n}", "rounds": rounds,
-          "cells": cells, "suggested": suggest(cells)}
+          "cells": cells, "suggested": suggest(cells, n, k // 128)}
 
 
 def _best(cell, mode) -> str:
@@ -104,17 +104,20 @@ def _last_row(cells, keep) -> int:
   return last
 
 
-def suggest(cells) -> dict:
-  """The `lowering.Profile` fields these measurements support."""
+def suggest(cells, n: int, groups: int) -> dict:
+  """The `lowering.Profile` fields these measurements support, for an
+  `n`-feature weight in `groups` groups (float32: 3 parts per row)."""
   few = [c for c in cells if c["M"] < 4]
+  parts_rows = 3 * _last_row(cells,
+                             lambda c: _best(c, "W8A16") == "int8 parts")
   return {
       "min_rows": 4 if few and all(_best(c, "W8A8") == "rows padded to 4"
                                    for c in few) else 1,
-      "weight_only_parts": all(_best(c, "W8A16") == "int8 parts"
-                               for c in cells),
+      "weight_only_parts": round(parts_rows / n, 4),
       "grouped_rows": (
           _last_row(cells, lambda c: _best(c, "W4A8 g128") == "batched"),
-          _last_row(cells, lambda c: _best(c, "W4A8 g128") != "float")),
+          groups * _last_row(cells,
+                             lambda c: _best(c, "W4A8 g128") != "float")),
   }
 
 

@@ -18,9 +18,9 @@ from jaxquant.engine import kernels, lowering
 
 FAST = "cpu/x86-vnni"  # pads rows, runs weight-only on int8 parts
 # Profiles that force each per-group formulation at every row count.
-PER_GROUP = lowering.Profile(min_rows=4, weight_only_parts=True,
+PER_GROUP = lowering.Profile(min_rows=4, weight_only_parts=10**9,
                              grouped_rows=(0, 10**9))
-FLOAT_GROUPS = lowering.Profile(weight_only_parts=True, grouped_rows=(0, 0))
+FLOAT_GROUPS = lowering.Profile(weight_only_parts=10**9, grouped_rows=(0, 0))
 MACHINES = {**lowering.PROFILES, "per group": PER_GROUP,
             "float groups": FLOAT_GROUPS}
 
@@ -93,7 +93,7 @@ def test_report_names_the_lowering():
   # Per-group weights by (stacked) row count: batched, per group, float.
   by_rows = {m: (run(*dense((m, 96)), "W4A8 g32", FAST)[2].lowering,
                  run(*dense((m, 96)), "W4A16 g32", FAST)[2].lowering)
-             for m in (1, 2, 8, 128)}
+             for m in (1, 2, 8, 1024)}
   assert by_rows == {
       1: ("grouped int8 dot, rows padded to 4",
           "grouped int8 dot, activation as 3 int8 parts, rows padded to 4"),
@@ -101,8 +101,14 @@ def test_report_names_the_lowering():
           "int8 dot per group, activation as 3 int8 parts"),
       8: ("int8 dot per group",
           "int8 dot per group, activation as 3 int8 parts"),
-      128: ("float dot of the quantized activation and dequantized weight",
-            "float dot of the dequantized weight")}
+      # 3 groups x 1024 rows > 2048: float.
+      1024: ("float dot of the quantized activation and dequantized weight",
+             "float dot of the dequantized weight")}
+  # Per-channel weight-only parts while rows x 3 <= half the features.
+  assert run(*dense((8, 96)), "W8A16", FAST)[2].lowering == (
+      "int8 dot, activation as 3 int8 parts")
+  assert run(*dense((9, 96)), "W8A16", FAST)[2].lowering == (
+      "float dot of the dequantized weight")
   # More groups than MAX_GROUP_DOTS stay one batched dot.
   groups = lowering.MAX_GROUP_DOTS + 1
   assert run(*dense((8, 32 * groups), n=8), "W4A8 g32", FAST)[2].lowering == (

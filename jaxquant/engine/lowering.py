@@ -6,10 +6,10 @@ and `jq.report` names the one taken per matmul (`OpRecord.lowering`).
 
 The choices, decided at trace time from static shapes and the machine:
 
-- **Row padding.** XLA:CPU multiplies a one-row `dot(s8, s8) -> s32` ~5x
+- **Row padding.** XLA:CPU multiplies a one-row `dot(s8, s8) -> s32` 5-9x
   slower than float32 (it has a fast float matrix-vector path, no int8 one);
   with the quantized activation padded by zero rows to 4 the same dot takes
-  about half the float time. Zero rows add zero terms, and are sliced off.
+  0.5-0.9x the float time. Zero rows add zero terms, and are sliced off.
 - **Weight-only as int8 parts.** A float activation `x` is split, per row,
   into int8 parts: with `r_0 = x / s_x` (`s_x = max|x_row| / 127`),
   `h_i = round(r_i)` and `r_{i+1} = 254 (r_i - h_i)`,
@@ -22,11 +22,15 @@ The choices, decided at trace time from static shapes and the machine:
   as extra rows of one int8 dot with the stored int8 weight, instead of
   materialising a dequantized float weight on every call (what XLA:CPU does
   with `convert` + float dot: 1.3-8x float time at 1-256 rows).
+  This pays while the stacked rows are few next to the weight's output
+  features (the dequantization it saves is per weight element, the
+  splitting per activation element).
 - **Per-group weights** (int4 in groups of 128): XLA:CPU runs a batched
   int8 dot (groups as the batch dimension) well only for a few rows; one
-  int8 dot per group is faster from ~12 rows, and from ~48 rows the float
-  dot of the dequantized weight (and, with int8 activations, of the
-  quantized activation: the same numbers up to float rounding) wins.
+  int8 dot per group is faster beyond, until the per-group partial sums
+  (groups x rows x features) outweigh the dot, where the float dot of the
+  dequantized weight (and, with int8 activations, of the quantized
+  activation: the same numbers up to float rounding) wins.
 - **Backends.** XLA:GPU and XLA:TPU fuse the int -> float conversion into
   their GEMMs and have fast int8 paths: weight-only keeps the dequantized
   float dot, int8 dots are not padded.
@@ -97,25 +101,27 @@ class Profile:
   Attributes:
     min_rows: int8 dots with fewer activation rows are padded to this many.
     weight_only_parts: per-channel weight-only matmuls run as an int8 dot on
-      the activation's int8 parts.
+      the activation's int8 parts while the stacked rows (rows x parts) are
+      at most this fraction of the output features; 0: never. (Above it the
+      activation-side work outgrows the dequantization it saves.)
     grouped_rows: for per-group weights, `(batched, per_group)`: with at
-      most `batched` rows (parts included) one int8 dot with the groups as
-      a batch dimension, up to `per_group` one int8 dot per group, above
-      that a float dot of the (quantized) activation and the dequantized
-      weight. None: always the batched int8 dot with int8 activations, the
-      dequantized float dot weight-only.
+      most `batched` stacked rows one int8 dot with the groups as a batch
+      dimension; while groups x stacked rows is at most `per_group`, one
+      int8 dot per group; beyond, a float dot of the (quantized) activation
+      and the dequantized weight. None: always the batched int8 dot with
+      int8 activations, the dequantized float dot weight-only.
     evidence: the measurements behind the row.
   """
 
   min_rows: int = 1
-  weight_only_parts: bool = False
+  weight_only_parts: float = 0.0
   grouped_rows: tuple[int, int] | None = None
   evidence: str = ""
 
 
 PROFILES = {
     "cpu/x86-vnni": Profile(
-        min_rows=4, weight_only_parts=True, grouped_rows=(4, 64),
+        min_rows=4, weight_only_parts=0.5, grouped_rows=(4, 2048),
         evidence=(
             "2-core AMD EPYC (AVX-512 VNNI), jax 0.12, 4096 x 4096, time / "
             "float32 dot (experiments.decode, experiments.lowering_probe): "
@@ -125,7 +131,11 @@ PROFILES = {
             "batched int8 dot 1.6-2.7x, one int8 dot per group 0.97-1.8x, "
             "the float dot 1.6-9x at 1-256 rows (per group best up to 64 "
             "rows, float at 256); with int8 weights (unpacking hoisted, as "
-            "in a decode loop) batched 1.4x vs per group 1.65x at 4 rows.")),
+            "in a decode loop) batched 1.4x vs per group 1.65x at 4 rows. "
+            "384 x 1536 (3 groups): parts 1.11x vs dequantized 1.84x at 64 "
+            "rows, 0.87x vs 0.78x at 256, 2.3x vs 1.0x at 2560; per group "
+            "0.35-0.53x vs float 0.90-0.96x at 256-1024 rows, 1.9x vs 1.05x"
+            " at 2560.")),
     "cpu/other": Profile(
         min_rows=4,
         evidence=(
@@ -208,15 +218,27 @@ def _padding(site, prof: Profile, parts: int) -> int:
 MAX_GROUP_DOTS = 64
 
 
+def features(site) -> int:
+  """The weight's output features: the product of its free dimensions."""
+  n = 1
+  for d, size in enumerate(site.weight_shape):
+    if d not in site.weight_contract and d not in site.weight_batch:
+      n *= size
+  return n
+
+
 def _grouped(site, prof: Profile, parts: int, groups: int
              ) -> Lowering | None:
   """The grouped lowering for `rows x parts` stacked rows (parts = 0: int8
   activations) and `groups` groups, or None where the float dot is faster."""
   stacked = rows(site) * max(parts, 1)
-  batched, per_group = prof.grouped_rows or (stacked, stacked)
-  if stacked <= batched or (stacked <= per_group and groups > MAX_GROUP_DOTS):
+  if prof.grouped_rows is None:
     return Lowering(GROUPED_DOT, _padding(site, prof, parts), parts)
-  if stacked <= per_group:
+  batched, per_group = prof.grouped_rows
+  looped = groups * stacked <= per_group
+  if stacked <= batched or (looped and groups > MAX_GROUP_DOTS):
+    return Lowering(GROUPED_DOT, _padding(site, prof, parts), parts)
+  if looped:
     return Lowering(PER_GROUP_DOTS, _padding(site, prof, parts), parts)
   return None
 
@@ -239,8 +261,9 @@ def choose_weight_only(site, groups: int, act_dtype, key=None) -> Lowering:
   if not (parts and site.primitive == "dot_general" and has_row_axis(site)):
     return Lowering(DEQUANTIZED)
   if not groups:
-    return (Lowering(INT8_DOT, _padding(site, prof, parts), parts)
-            if prof.weight_only_parts else Lowering(DEQUANTIZED))
+    few = rows(site) * parts <= prof.weight_only_parts * features(site)
+    return (Lowering(INT8_DOT, _padding(site, prof, parts), parts) if few
+            else Lowering(DEQUANTIZED))
   if prof.grouped_rows is None:
     return Lowering(DEQUANTIZED)
   return _grouped(site, prof, parts, groups) or Lowering(DEQUANTIZED)
