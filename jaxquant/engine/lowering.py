@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import platform
 
 import jax
@@ -194,18 +195,25 @@ def act_parts(dtype) -> int:
   return 2 if bits <= 11 else 3
 
 
+def _free_sizes(shape, contract, batch) -> list[int]:
+  """Sizes of the axes that are neither contracted nor batch axes."""
+  return [n for d, n in enumerate(shape) if d not in contract + batch]
+
+
 def rows(site) -> int:
   """The activation's rows: the product of its free dimensions."""
-  n = 1
-  for d, size in enumerate(site.act_shape):
-    if d not in site.act_contract and d not in site.act_batch:
-      n *= size
-  return n
+  return math.prod(_free_sizes(site.act_shape, site.act_contract,
+                               site.act_batch))
+
+
+def features(site) -> int:
+  """The weight's output features: the product of its free dimensions."""
+  return math.prod(_free_sizes(site.weight_shape, site.weight_contract,
+                               site.weight_batch))
 
 
 def has_row_axis(site) -> bool:
-  return any(d not in site.act_contract and d not in site.act_batch
-             for d in range(len(site.act_shape)))
+  return bool(_free_sizes(site.act_shape, site.act_contract, site.act_batch))
 
 
 def _padding(site, prof: Profile, parts: int) -> int:
@@ -216,15 +224,6 @@ def _padding(site, prof: Profile, parts: int) -> int:
 
 # One dot per group unrolls into this many dots at most (compile time).
 MAX_GROUP_DOTS = 64
-
-
-def features(site) -> int:
-  """The weight's output features: the product of its free dimensions."""
-  n = 1
-  for d, size in enumerate(site.weight_shape):
-    if d not in site.weight_contract and d not in site.weight_batch:
-      n *= size
-  return n
 
 
 def _grouped(site, prof: Profile, parts: int, groups: int
