@@ -159,6 +159,11 @@ def params_recipe_mismatch(path, payload, rule) -> str | None:
   return None
 
 
+def _int8_kernel(payload):
+  return (grouped_int8_matmul if isinstance(payload, GroupPayload)
+          else int8_matmul)
+
+
 def _groups(site: Site, payload) -> int:
   """Weight groups along the contraction (0: per-channel scales)."""
   if not isinstance(payload, GroupPayload):
@@ -245,7 +250,6 @@ class QuantizedHandler(Handler):
     act = payload.act.spec if static_act(payload) else rule.act
     static = "static activation scale" if static_act(payload) else ""
     x = value(invals[site.act_index])
-    grouped = isinstance(payload, GroupPayload)
     if payload.spec.format != "int":
       reason = "; ".join(filter(None, [lowering.FP8_REASON, static]))
       record(FP8, reason, act, Lowering(lowering.FP8_DOT))
@@ -258,8 +262,7 @@ class QuantizedHandler(Handler):
     record(INT8, reason, act, how)
     if how.kernel == lowering.FAKE_QUANT_DOT:
       return [fake_quant_matmul(eqn, site, x, payload, rule.act)]
-    kernel = grouped_int8_matmul if grouped else int8_matmul
-    return [kernel(eqn, site, x, payload, rule.act, how)]
+    return [_int8_kernel(payload)(eqn, site, x, payload, rule.act, how)]
 
   def _weight_only(self, eqn, site, invals, record, reason, act_spec=None):
     """A float activation times a quantized weight: an int8 dot on the
@@ -276,9 +279,7 @@ class QuantizedHandler(Handler):
     record(WEIGHT_ONLY, reason, act_spec, how)
     if not how.act_parts:
       return bind_plain(eqn, invals)
-    kernel = (grouped_int8_matmul if isinstance(payload, GroupPayload)
-              else int8_matmul)
-    return [kernel(eqn, site, x, payload, None, how)]
+    return [_int8_kernel(payload)(eqn, site, x, payload, None, how)]
 
   def _record(self, eqn, invals, site, mode, reason, act_spec=None,
               how: Lowering | None = None, *, mismatch=None):

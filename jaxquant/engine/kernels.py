@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant import numerics
-from jaxquant.engine.lowering import (PER_GROUP_DOTS, Lowering,
-                                     int8_conv_native)
+from jaxquant.engine.lowering import (INT8_DOT, PER_GROUP_DOTS, Lowering,
+                                     free_axes, int8_conv_native)
 from jaxquant.engine.payloads import GroupPayload, QuantPayload
 from jaxquant.spec import QuantSpec
 from jaxquant.transform import layout
@@ -41,7 +41,7 @@ from jaxquant.transform.site import Site
 
 
 _INT32_MAX = 2**31 - 1
-PLAIN = Lowering("int8 dot")  # no padding, no parts
+PLAIN = Lowering(INT8_DOT)  # no padding, no parts
 
 
 def max_abs_int(spec: QuantSpec) -> int:
@@ -264,8 +264,7 @@ class RowStack:
 
   def __init__(self, site: Site, shape, lowering: Lowering, *,
                grouped: bool = False):
-    free = [d for d in range(len(shape))
-            if d not in site.act_contract and d not in site.act_batch]
+    free = free_axes(len(shape), site.act_contract, site.act_batch)
     self.parts = max(lowering.act_parts, 1)
     self.active = bool(free) and site.primitive == "dot_general" and (
         self.parts > 1 or lowering.min_rows > 1)
@@ -305,6 +304,25 @@ class RowStack:
     return out
 
 
+def activation_codes(x, site: Site, payload, act_spec, lowering: Lowering):
+  """(int8 codes, per-row scale, zero point or None, act spec) of `x`: its
+  quantized activation, or for weight-only (`lowering.act_parts`) its int8
+  parts (`split_activation`)."""
+  if lowering.act_parts:
+    codes, sx = split_activation(x, site, lowering.act_parts)
+    return codes, sx, None, PARTS_SPEC
+  qx, sx, zx, act_spec = quantized_activation(x, site, payload, act_spec)
+  return [qx], sx, zx, act_spec
+
+
+def _finished(eqn, site: Site, out, x, payload, lowering: Lowering):
+  """A kernel's output with its gradient rule: the float one for activation
+  parts (they represent x exactly), none through rounded activations."""
+  if lowering.act_parts:
+    return exact_weight_only(eqn, site, out, x, payload)
+  return no_grad_through(out, x)
+
+
 def exact_weight_only(eqn, site: Site, out, x, payload):
   """`out`, computed from `x`'s int8 parts, with the float gradient of
   `x . dequantized(w)` (the parts represent x, so this is its derivative)."""
@@ -341,12 +359,8 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
   (`split_activation`).
   """
   w = site.weight_index
-  if lowering.act_parts:
-    codes, sx = split_activation(x, site, lowering.act_parts)
-    zx, act_spec = None, PARTS_SPEC
-  else:
-    qx, sx, zx, act_spec = quantized_activation(x, site, payload, act_spec)
-    codes = [qx]
+  codes, sx, zx, act_spec = activation_codes(x, site, payload, act_spec,
+                                             lowering)
   qw, zw = _signed(payload.values, payload.zero_point, payload.spec)
   params = dict(eqn.params, preferred_element_type=jnp.int32)
   if "precision" in params:
@@ -385,9 +399,7 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
       k = layout.contracted_size(qx.shape, site.act_contract)
       acc = acc + k * to_x(zx) * to_w(zw)
   out = _rescaled(eqn, site, acc, sx, payload.scale)
-  if lowering.act_parts:
-    return exact_weight_only(eqn, site, out, x, payload)
-  return no_grad_through(out, x)
+  return _finished(eqn, site, out, x, payload, lowering)
 
 
 def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
@@ -443,12 +455,7 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec,
   accumulator. `lowering` may also pad rows or use activation parts, as
   for `int8_matmul`.
   """
-  if lowering.act_parts:
-    codes, sx = split_activation(x, site, lowering.act_parts)
-    zx = None
-  else:
-    qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
-    codes = [qx]
+  codes, sx, zx, _ = activation_codes(x, site, payload, act_spec, lowering)
   if lowering.kernel == PER_GROUP_DOTS:
     out = _per_group_dots(site, codes, zx, payload, lowering)
     to_x, _ = _output_layout(site, len(site.act_shape),
@@ -457,9 +464,7 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec,
   else:
     out = _batched_group_dot(site, codes, sx, zx, payload, lowering)
   out = out.astype(eqn.outvars[0].aval.dtype)
-  if lowering.act_parts:
-    return exact_weight_only(eqn, site, out, x, payload)
-  return no_grad_through(out, x)
+  return _finished(eqn, site, out, x, payload, lowering)
 
 
 def _batched_group_dot(site: Site, codes, sx, zx, payload: GroupPayload,
@@ -524,8 +529,8 @@ def fake_quant_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
   numbers of the int8 kernels up to float rounding, for machines and shapes
   where the int8 form is slower (`lowering.FAKE_QUANT_DOT`)."""
   qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
-  xq = qx.astype(jnp.float32) - (0.0 if zx is None else zx)
-  xq = (xq * sx).astype(eqn.invars[site.act_index].aval.dtype)
+  xq = numerics.dequantize_with_scale(
+      qx, sx, zx, eqn.invars[site.act_index].aval.dtype)
   wq = payload.materialize()
   out = eqn.primitive.bind(*((wq, xq) if site.weight_index == 0 else (xq, wq)),
                            **eqn.params)

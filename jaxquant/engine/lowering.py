@@ -195,9 +195,13 @@ def act_parts(dtype) -> int:
   return 2 if bits <= 11 else 3
 
 
+def free_axes(ndim: int, contract, batch) -> list[int]:
+  """The axes of a matmul operand that are neither contracted nor batch."""
+  return [d for d in range(ndim) if d not in contract and d not in batch]
+
+
 def _free_sizes(shape, contract, batch) -> list[int]:
-  """Sizes of the axes that are neither contracted nor batch axes."""
-  return [n for d, n in enumerate(shape) if d not in contract + batch]
+  return [shape[d] for d in free_axes(len(shape), contract, batch)]
 
 
 def rows(site) -> int:
