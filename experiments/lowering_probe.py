@@ -39,10 +39,17 @@ FORMULATIONS = {
         "batched": lowering.Profile(min_rows=4, grouped_rows=(BIG, BIG)),
         "per group": lowering.Profile(min_rows=4, grouped_rows=(0, BIG)),
         "float": lowering.Profile(grouped_rows=(0, 0))},
+    "W4A16 g128": {
+        "batched parts": lowering.Profile(
+            min_rows=4, weight_only_parts=BIG, grouped_rows=(BIG, BIG)),
+        "per group parts": lowering.Profile(
+            min_rows=4, weight_only_parts=BIG, grouped_rows=(0, BIG)),
+        "dequantized": lowering.Profile(grouped_rows=(0, 0))},
 }
 RULES = {"W8A8": dict(weight=jq.int8(), act=jq.int8()),
          "W8A16": dict(weight=jq.int8()),
-         "W4A8 g128": dict(weight=jq.int4(group_size=128), act=jq.int8())}
+         "W4A8 g128": dict(weight=jq.int4(group_size=128), act=jq.int8()),
+         "W4A16 g128": dict(weight=jq.int4(group_size=128))}
 
 
 def parser():

@@ -5,10 +5,12 @@
 
 `stablehlo` counts `dot_general` / `convolution` ops whose two operands are
 i8 in the lowered StableHLO (what jaxquant asked for); `compiled` counts
-`dot` / `convolution` instructions whose two operands are s8 after XLA's
-optimisations (what the backend runs), out of `compiled_matmuls` integer
-matmuls. They can differ: XLA:CPU, for one, computes some small int8
-convolutions (few channels) as s32 convolutions of converted operands.
+`dot` / `convolution` instructions (XLA:GPU's Triton GEMM fusions hold
+`dot`s too; its cuBLAS GEMM calls count as well) whose two operands are s8
+after XLA's optimisations (what the backend runs), out of
+`compiled_matmuls` integer matmuls. They can differ: XLA:CPU, for one,
+computes some small int8 convolutions (few channels) as s32 convolutions of
+converted operands.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import jax
 
 _SHLO = re.compile(r"stablehlo\.(?:dot_general|convolution)[^\n]*"
                    r"\(tensor<[^>]*xi8>, tensor<[^>]*xi8>\)")
-_INSTR = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[[^=]*?\s([\w-]+)\((.*)$")
+# name = dtype[shape] opcode(operands...; a tuple result "(s32[..], s8[..])"
+# (XLA:GPU's cuBLAS GEMM custom calls return a workspace too) is read by its
+# first element.
+_INSTR = re.compile(
+    r"^\s*(?:ROOT )?(%[\w.\-]+) = \(?(\w+)\[[^=]*?\s([\w-]+)\((.*)$")
+# Library GEMMs that XLA:GPU rewrites a `dot` into.
+_GEMM_CALL = re.compile(r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)')
 
 
 class Int8Ops(NamedTuple):
@@ -88,7 +96,9 @@ def int8_ops(fn, *args, **kwargs) -> Int8Ops:
         continue
       name, dtype, opcode, rest = match.groups()
       types[name] = dtype
-      if opcode in ("dot", "convolution") and dtype == "s32":
+      matmul = opcode in ("dot", "convolution") or (
+          opcode == "custom-call" and _GEMM_CALL.search(rest))
+      if matmul and dtype == "s32":
         matmuls += 1
         operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])[:2]
         compiled += all(types.get(o) in ("s8", "u8") for o in operands)

@@ -17,11 +17,12 @@ import jaxquant as jq
 from jaxquant.engine import kernels, lowering
 
 FAST = "cpu/x86-vnni"  # pads rows, runs weight-only on int8 parts
+PLAIN = lowering.Profile()  # the plain kernels: no padding, no parts
 # Profiles that force each per-group formulation at every row count.
 PER_GROUP = lowering.Profile(min_rows=4, weight_only_parts=10**9,
                              grouped_rows=(0, 10**9))
 FLOAT_GROUPS = lowering.Profile(weight_only_parts=10**9, grouped_rows=(0, 0))
-MACHINES = {**lowering.PROFILES, "per group": PER_GROUP,
+MACHINES = {**lowering.PROFILES, "plain": PLAIN, "per group": PER_GROUP,
             "float groups": FLOAT_GROUPS}
 
 MODES = {
@@ -71,7 +72,7 @@ def test_every_machine_computes_the_same_numbers(shape, mode):
   model, params, x = dense(shape)
   outs = {name: run(model, params, x, mode, m)
           for name, m in MACHINES.items()}
-  ref, qparams, _ = outs["gpu"]  # plain kernels, no padding, no parts
+  ref, qparams, _ = outs["plain"]
   if mode in WEIGHT_ONLY:  # float x on the dequantized weights
     ref = model.apply(jq.dequantize_tree(qparams), x)
   for machine, (out, _, op) in outs.items():
@@ -82,14 +83,28 @@ def test_every_machine_computes_the_same_numbers(shape, mode):
 def test_report_names_the_lowering():
   model, params, x = dense((1, 96))
   lows = {(m, mode): run(model, params, x, mode, m)[2].lowering
-          for m in (FAST, "gpu") for mode in ("W8A8", "W8A16", "W4A16 g32")}
+          for m in (FAST, PLAIN, "gpu")
+          for mode in ("W8A8", "W8A16", "W4A16 g32")}
   assert lows[FAST, "W8A8"] == "int8 dot, rows padded to 4"
   assert lows[FAST, "W8A16"] == (
       "int8 dot, activation as 3 int8 parts, rows padded to 4")
   assert lows[FAST, "W4A16 g32"] == (
       "grouped int8 dot, activation as 3 int8 parts, rows padded to 4")
-  assert lows["gpu", "W8A8"] == "int8 dot"
-  assert lows["gpu", "W8A16"] == "float dot of the dequantized weight"
+  assert lows[PLAIN, "W8A8"] == "int8 dot"
+  assert lows[PLAIN, "W8A16"] == "float dot of the dequantized weight"
+  assert lows[PLAIN, "W4A16 g32"] == "float dot of the dequantized weight"
+  assert lows["gpu", "W8A16"] == lows[FAST, "W8A16"]
+  # On a GPU per-group weights take the batched dot up to 64 stacked rows,
+  # the float dot beyond (one dot per group: never).
+  gpu = {m: (run(*dense((m, 96)), "W4A8 g32", "gpu")[2].lowering,
+             run(*dense((m, 96)), "W4A16 g32", "gpu")[2].lowering)
+         for m in (21, 22, 64, 65)}
+  assert gpu == {
+      21: ("grouped int8 dot", "grouped int8 dot, activation as 3 int8 parts"),
+      22: ("grouped int8 dot", "float dot of the dequantized weight"),
+      64: ("grouped int8 dot", "float dot of the dequantized weight"),
+      65: ("float dot of the quantized activation and dequantized weight",
+           "float dot of the dequantized weight")}
   # Per-group weights by (stacked) row count: batched, per group, float.
   by_rows = {m: (run(*dense((m, 96)), "W4A8 g32", FAST)[2].lowering,
                  run(*dense((m, 96)), "W4A16 g32", FAST)[2].lowering)
@@ -133,7 +148,7 @@ def _i8_dots(fn, *args) -> int:
 def test_weight_only_parts_lower_to_int8_dots(mode):
   model, recipe, qparams, x = quantized(mode, (2, 96))
   fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
-  slow = jq.quantized_apply(model.apply, recipe, machine="gpu")
+  slow = jq.quantized_apply(model.apply, recipe, machine=PLAIN)
   # Parts stacked as rows: one dot, or one per group (2 x 3 parts = 6 rows).
   assert _i8_dots(fast, qparams, x) == (1 if mode == "W8A16" else 96 // 32)
   assert _i8_dots(slow, qparams, x) == 0
@@ -200,7 +215,7 @@ def test_einsum_weight_contracted_on_its_last_axis_and_bf16():
       recipe = jq.Recipe([jq.Rule("w", **MODES[mode])])
       qparams = jq.quantize_params(f, params, recipe, x)
       out = jax.jit(jq.quantized_apply(f, recipe, machine=FAST))(qparams, x)
-      ref = jax.jit(jq.quantized_apply(f, recipe, machine="gpu"))(qparams, x)
+      ref = jax.jit(jq.quantized_apply(f, recipe, machine=PLAIN))(qparams, x)
       assert out.dtype == dtype
       tol = 2e-6 if dtype == jnp.float32 else 1e-2
       assert rel_err(out, ref) < tol, (dtype, mode)
@@ -214,7 +229,7 @@ def test_weight_on_the_left_of_the_dot(mode, m):
   x = jax.random.normal(jax.random.key(1), (64, m))
   recipe = jq.Recipe([jq.Rule("w", **MODES[mode])])
   qparams = jq.quantize_params(f, params, recipe, x)
-  ref = (jax.jit(jq.quantized_apply(f, recipe, machine="gpu"))(qparams, x)
+  ref = (jax.jit(jq.quantized_apply(f, recipe, machine=PLAIN))(qparams, x)
          if mode not in WEIGHT_ONLY else f(jq.dequantize_tree(qparams), x))
   for machine in (FAST, PER_GROUP):
     out = jax.jit(jq.quantized_apply(f, recipe, machine=machine))(qparams, x)
@@ -228,7 +243,7 @@ def test_static_activation_scales_under_every_grouped_lowering():
   stats = jq.calibrate(model.apply, params, recipe, batches)
   qparams = jq.quantize_params(model.apply, params, recipe, x, stats=stats)
   outs = [jax.jit(jq.quantized_apply(model.apply, recipe, machine=m))(
-      qparams, x) for m in ("gpu", PER_GROUP, FLOAT_GROUPS)]
+      qparams, x) for m in (PLAIN, PER_GROUP, FLOAT_GROUPS)]
   assert all(rel_err(out, outs[0]) < 2e-6 for out in outs[1:])
   ops = [jq.report(model.apply, qparams, recipe, x, machine=m).ops[0]
          for m in (PER_GROUP, FLOAT_GROUPS)]
