@@ -127,6 +127,10 @@ class LayerRow:
   output_sqnr: float
   param_share: float
   byte_share: float
+  method: str = "rtn"         # how the weight was rounded (its rule's)
+  # output SQNR over that of round-to-nearest with the same spec (dB);
+  # None for round-to-nearest layers.
+  gain_over_rtn: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +147,10 @@ class LayerReport:
       `act_range` (calibrated (min, max), with `stats`) and `act_clip` (the
       static activation clip range, with `stats` and an act spec) or None,
       `weight_sqnr` and `output_sqnr` (dB), `param_share` and `byte_share`
-      (of the whole tree's parameter count and quantized bytes).
+      (of the whole tree's parameter count and quantized bytes), `method`
+      ('rtn', or the rule's method, e.g. 'gptq') and `gain_over_rtn` (the
+      output SQNR minus round-to-nearest's with the same spec, in dB; None
+      for 'rtn' layers).
     weights: path -> float weight (NumPy), for the histograms.
     quantized: path -> its `QArray`.
     activations: path -> one batch of the activation entering its matmul
@@ -171,14 +178,19 @@ class LayerReport:
   activations: dict  # path -> one batch of the activation (numpy)
 
   def __str__(self):
+    methods = any(r.method != "rtn" for r in self.rows)
     head = ("layer", "weight", "act", "w range", "w clip", "act range",
-            "act clip", "w SQNR", "out SQNR", "params", "bytes")
+            "act clip", "w SQNR", "out SQNR", "params", "bytes") + (
+                ("method", "vs RTN") if methods else ())
     fmt_range = lambda r: "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
+    gain = lambda g: "-" if g is None else f"{g:+.1f} dB"
     rows = [(r.path, r.weight_spec, r.act_spec, fmt_range(r.weight_range),
              f"{r.weight_clip:.3g}", fmt_range(r.act_range),
              fmt_range(r.act_clip), f"{r.weight_sqnr:.1f} dB",
              f"{r.output_sqnr:.1f} dB", f"{100 * r.param_share:.1f}%",
-             f"{100 * r.byte_share:.1f}%") for r in self.rows]
+             f"{100 * r.byte_share:.1f}%") + (
+                 (r.method, gain(r.gain_over_rtn)) if methods else ())
+            for r in self.rows]
     return text.table(head, rows)
 
   def plot(self, folder) -> list:
@@ -232,7 +244,50 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   traced, dyn = Tracer(apply_fn)(params, args, kwargs)
   leaves = param_leaves(params)
   qleaves = dict(zip(traced.paths, param_leaves(qparams)))
+  compare = lambda q: _compared(traced, recipe, params, dyn, q)
+  power, acts = compare(qleaves)
+  rtn_power = {}
+  if any(rule.method is not None for rule in recipe.rules):
+    rtn = Recipe([dataclasses.replace(r, method=None) for r in recipe.rules])
+    rtn_params = quantize_params(apply_fn, params, rtn, *args, stats=stats,
+                                 model_kwargs=kwargs)
+    rtn_power = compare(dict(zip(traced.paths, param_leaves(rtn_params))))[0]
+  out_sqnr = lambda p: float(10 * np.log10(p[0] / max(p[1], 1e-30)))
+  total_params = sum(int(np.size(l)) for l in leaves)
+  total_bytes = nbytes(qparams)
+  rows, weights, quantized = [], {}, {}
+  for path, leaf in zip(traced.paths, leaves):
+    q = qleaves[path]
+    if not is_qarray(q) or path not in power:
+      continue
+    w = np.asarray(leaf, np.float32)
+    act_range = act_clip = None
+    if stats is not None and path in stats.states:
+      lo, hi = (np.asarray(a) for a in stats.act_range(path))
+      act_range = (float(lo.min()), float(hi.max()))
+      if q.act is not None:
+        s = np.asarray(q.act.scale)
+        z = 0.0 if q.act.zero_point is None else np.asarray(q.act.zero_point)
+        spec = q.act.spec
+        act_clip = (float(np.min((spec.qmin - z) * s)),
+                    float(np.max((spec.qmax - z) * s)))
+    rows.append(LayerRow(
+        path, q.spec.short(),
+        "float" if recipe.match(path).act is None else (
+            (q.act and q.act.spec) or recipe.match(path).act).short(),
+        (float(w.min()), float(w.max())),
+        float(np.max(np.asarray(q.scale)) * q.spec.qmax),
+        act_range, act_clip, sqnr_db(w, q.dequantize()), out_sqnr(power[path]),
+        w.size / total_params, q.nbytes / total_bytes, *_method_of(
+            recipe.match(path).method, out_sqnr(power[path]),
+            rtn_power.get(path), out_sqnr)))
+    weights[path], quantized[path] = w, q
+  return LayerReport(tuple(rows), weights, quantized, acts)
 
+
+def _compared(traced, recipe, params, dyn, qleaves):
+  """Per quantized path: (output signal, noise) power summed over its
+  matmuls, and one batch of the activation entering it."""
   def payload(path, leaf):
     q = qleaves[path]
     if not is_qarray(q):
@@ -255,36 +310,14 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
       acts.setdefault(key[:-4], np.asarray(v))
     else:
       power[key] = power.get(key, 0) + np.asarray(v)
-  total_params = sum(int(np.size(l)) for l in leaves)
-  total_bytes = nbytes(qparams)
-  rows, weights, quantized = [], {}, {}
-  for path, leaf in zip(traced.paths, leaves):
-    q = qleaves[path]
-    if not is_qarray(q) or path not in power:
-      continue
-    w = np.asarray(leaf, np.float32)
-    signal, noise = power[path]
-    act_range = act_clip = None
-    if stats is not None and path in stats.states:
-      lo, hi = (np.asarray(a) for a in stats.act_range(path))
-      act_range = (float(lo.min()), float(hi.max()))
-      if q.act is not None:
-        s = np.asarray(q.act.scale)
-        z = 0.0 if q.act.zero_point is None else np.asarray(q.act.zero_point)
-        spec = q.act.spec
-        act_clip = (float(np.min((spec.qmin - z) * s)),
-                    float(np.max((spec.qmax - z) * s)))
-    rows.append(LayerRow(
-        path, q.spec.short(),
-        "float" if recipe.match(path).act is None else (
-            (q.act and q.act.spec) or recipe.match(path).act).short(),
-        (float(w.min()), float(w.max())),
-        float(np.max(np.asarray(q.scale)) * q.spec.qmax),
-        act_range, act_clip, sqnr_db(w, q.dequantize()),
-        float(10 * np.log10(signal / max(noise, 1e-30))),
-        w.size / total_params, q.nbytes / total_bytes))
-    weights[path], quantized[path] = w, q
-  return LayerReport(tuple(rows), weights, quantized, acts)
+  return power, acts
+
+
+def _method_of(method, sqnr: float, rtn_power, out_sqnr) -> tuple:
+  """(method name, output SQNR gain over round-to-nearest or None)."""
+  if method is None or rtn_power is None:
+    return "rtn", None
+  return method.name, sqnr - out_sqnr(rtn_power)
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, numerics, text
+from jaxquant.gptq import gptq_leaf
 from jaxquant.qarray import (ActQuant, QArray, fake_quant as fake_quant_array,
                              quantize)
 from jaxquant.rules import Recipe
@@ -35,7 +36,7 @@ from jaxquant.tree import is_qarray
 
 def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
                     stats=None, key: jax.Array | None = None,
-                    model_kwargs: dict | None = None):
+                    model_kwargs: dict | None = None, progress: bool = True):
   """Quantizes every parameter that `apply_fn` multiplies in a matmul.
 
   `apply_fn(params, *args, **model_kwargs)` is traced once, abstractly, to
@@ -55,9 +56,11 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
     params: float parameters (any pytree of arrays).
     recipe: which weight gets which spec.
     *args: example inputs; only their shapes and dtypes are used.
-    stats: calibration `Stats` for static activation scales.
+    stats: calibration `Stats` for static activation scales, and for rules
+      with a `method` (e.g. `jq.gptq()`), which needs them.
     key: a PRNG key, needed by rules with `rounding="stochastic"`.
     model_kwargs: keyword arguments of `apply_fn`.
+    progress: a progress bar over the weights a method quantizes.
 
   Returns:
     `params` with a `QArray` in place of every quantized weight.
@@ -83,8 +86,17 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
     stats.check_model(traced.paths, [np.shape(l) for l in leaves])
   keys = _leaf_keys(specs, traced.paths, key)
 
+  methods = _method_inputs(recipe, specs, traced, stats)
+  from tqdm.auto import tqdm  # here: importing it warns in some notebooks
+  bar = tqdm(total=len(methods), desc="gptq", leave=False,
+             disable=not (progress and methods))
+
   def quantized(path, leaf):
-    q = quantize(leaf, specs[path], key=keys.get(path), where=path)
+    if path in methods:
+      q = gptq_leaf(leaf, specs[path], *methods[path], path)
+      bar.update()
+    else:
+      q = quantize(leaf, specs[path], key=keys.get(path), where=path)
     act = recipe.match(path).act
     if act is None:
       return q
@@ -100,10 +112,32 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
           "cond); calibrate with this recipe or drop act= for this rule")
     return _with_static_act(q, act, *stats.act_range(path))
 
-  return jax.tree_util.tree_unflatten(
+  out = jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(params, is_leaf=is_qarray),
       [quantized(path, leaf) if path in specs else leaf
        for path, leaf in zip(traced.paths, leaves)])
+  bar.close()
+  return out
+
+
+def _method_inputs(recipe: Recipe, specs: dict, traced, stats) -> dict:
+  """Path -> (Hessian, contracted axes, stacked layers, method) of every
+  weight whose rule has a method."""
+  out = {}
+  contracted = traced.contracted()
+  for path in specs:
+    method = recipe.match(path).method
+    if method is None:
+      continue
+    if stats is None:
+      raise ValueError(
+          f"{path}: its rule has method={method.name}, which needs the "
+          "inputs' statistics: stats = jq.calibrate(apply_fn, params, "
+          "recipe, batches), then quantize_params(..., stats=stats)")
+    layers = dict(stats.hessian_layers)
+    out[path] = (stats.hessian(path), contracted[path], layers[path],
+                 method)
+  return out
 
 
 def _leaf_keys(specs: dict, paths, key) -> dict:

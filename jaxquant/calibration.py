@@ -49,7 +49,8 @@ class Stats:
       (static), to check that quantized params belong to this model.
 
   Built by `jq.calibrate` or `jq.calibration(...).init`; passed to
-  `jq.quantize_params(..., stats=stats)` for static activation scales.
+  `jq.quantize_params(..., stats=stats)` for static activation scales and
+  for rules with a `method` (their `hessians`, path -> `sum x^T x`).
   `jq.save(path, stats)` writes it; `jq.load(path, like=cal.init(params,
   x))` reads it back.
 
@@ -71,6 +72,22 @@ class Stats:
   observers: tuple = dataclasses.field(metadata=dict(static=True))
   depth: tuple = dataclasses.field(metadata=dict(static=True))
   param_shapes: tuple = dataclasses.field(metadata=dict(static=True))
+  hessians: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  # (path, leading axes of its Hessian that are stacked layers) pairs.
+  hessian_layers: tuple = dataclasses.field(default=(),
+                                            metadata=dict(static=True))
+
+  def hessian(self, path: str) -> jax.Array:
+    """`sum x^T x` over the inputs of `path`'s matmuls (for methods such as
+    `jq.gptq`): shape (K, K), K the weight's contracted features in its
+    row-major order, or (layers, K, K) for a weight stacked by `nn.scan`.
+    A weight used by several matmuls gets the sum of their Hessians."""
+    if path not in self.hessians:
+      raise ValueError(
+          f"{path}: no Hessian was collected for it; calibrate with the "
+          "recipe whose rule gives it a method that needs one (e.g. "
+          "method=jq.gptq())")
+    return self.hessians[path]
 
   def act_range(self, path: str):
     """(lo, hi) for the activation of `path`: shape () or (layers,).
@@ -207,7 +224,7 @@ def _calibration(apply_fn, recipe, observer, observer_options, model_kwargs):
   observe = _observer_of(apply_fn, recipe, model_kwargs)
 
   def init(params, *batch) -> Stats:
-    keys = []  # (path, depth) of each emitted activation, in order
+    keys = []  # (key, depth) of each emitted side value, in order
 
     def abstract(p, a):
       sides = observe(p, a)
@@ -215,8 +232,9 @@ def _calibration(apply_fn, recipe, observer, observer_options, model_kwargs):
       return [x for _, _, x in sides]
 
     emitted = jax.eval_shape(abstract, params, batch)
-    depth = dict(keys)
-    for path, d in keys:
+    ranges = [(k, d) for k, d in keys if isinstance(k, str)]
+    depth = dict(ranges)
+    for path, d in ranges:
       if depth[path] != d:
         raise ValueError(f"{path} is multiplied both inside and outside a "
                          "scan; calibrate it with a separate rule")
@@ -224,11 +242,13 @@ def _calibration(apply_fn, recipe, observer, observer_options, model_kwargs):
               for path, d in depth.items()}
     states = {}
     for (path, _), example in zip(keys, emitted):
-      states.setdefault(path, owners[path].init(example))
+      if isinstance(path, str):
+        states.setdefault(path, owners[path].init(example))
     shapes = tuple((path, tuple(np.shape(leaf)))
                    for path, leaf in leaves_with_paths(params))
+    layers, hessians = _hessian_layout(keys, emitted, dict(shapes))
     return Stats(states, jnp.zeros((), jnp.int32), tuple(owners.items()),
-                 tuple(depth.items()), shapes)
+                 tuple(depth.items()), shapes, hessians, layers)
 
   def update(stats: Stats, params, *batch) -> Stats:
     return _observed(stats, observe(params, batch))[0]
@@ -252,15 +272,44 @@ def _observer_of(apply_fn, recipe, model_kwargs):
   return observe
 
 
+def _hessian_layout(keys, emitted, shapes):
+  """(path, stacked layer axes) pairs and zero Hessians, from the abstract
+  side values: a Hessian emitted inside `d` scans has `d` leading axes; the
+  outer ones that slice the weight (stacked layers) are kept, the others
+  (a weight reused at every step) are summed."""
+  layers, hessians = {}, {}
+  for (key, d), example in zip(keys, emitted):
+    if isinstance(key, str):
+      continue
+    stacked = len(shapes[key.path]) - len(key.covered)
+    if stacked > d:
+      raise ValueError(f"{key.path}: a slice of it meets a matmul outside "
+                       "the scan that stacks it; quantize it without method=")
+    shape = example.shape[:stacked] + example.shape[d:]
+    if layers.setdefault(key.path, stacked) != stacked or (
+        hessians.setdefault(key.path, jnp.zeros(shape, jnp.float32)).shape
+        != shape):
+      raise ValueError(f"{key.path} is contracted differently by its "
+                       "matmuls, so they share no Hessian; give it a rule "
+                       "without method=")
+  return tuple(layers.items()), hessians
+
+
 def _observed(stats: Stats, sides):
-  """Stats after one batch's side values, and per value whether finite."""
-  owners = dict(stats.observers)
-  states, finite = dict(stats.states), []
-  for key, _, x in sides:
-    x = x.astype(jnp.float32)
-    finite.append(jnp.all(jnp.isfinite(x)))
-    states[key] = owners[key].update(states[key], x)
-  return dataclasses.replace(stats, states=states,
+  """Stats after one batch's side values, and per activation (the sides
+  with a path key) whether it is finite."""
+  owners, layers = dict(stats.observers), dict(stats.hessian_layers)
+  states, hessians, finite = dict(stats.states), dict(stats.hessians), []
+  for key, depth, x in sides:
+    if isinstance(key, str):
+      x = x.astype(jnp.float32)
+      finite.append(jnp.all(jnp.isfinite(x)))
+      states[key] = owners[key].update(states[key], x)
+    else:
+      kept = layers[key.path]
+      hessians[key.path] = hessians[key.path] + jnp.sum(
+          x, axis=tuple(range(kept, depth)))
+  return dataclasses.replace(stats, states=states, hessians=hessians,
                              num_batches=stats.num_batches + 1), finite
 
 
@@ -332,7 +381,7 @@ def calibrate(apply_fn: Callable, params, recipe: Recipe, batches: Iterable,
   @jax.jit
   def step(stats, params, args):
     sides = observe(params, args)
-    keys[:] = [key for key, _, _ in sides]
+    keys[:] = [key for key, _, _ in sides if isinstance(key, str)]
     return _observed(stats, sides)
 
   from tqdm.auto import tqdm  # here: importing it warns in some notebooks

@@ -22,6 +22,7 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
+from jaxquant import methods
 from jaxquant.spec import QuantSpec
 
 
@@ -36,10 +37,13 @@ class Rule:
     pattern: regex, matched with `re.fullmatch` on the '/'-joined path.
     weight: spec for the parameter, or None to keep it in float.
     act: spec for the activation multiplied with it (None: weight-only).
+    method: how the weight is rounded: None for round-to-nearest, or a
+      post-training method such as `jq.gptq()` (`jaxquant.methods`), which
+      needs calibration statistics (`jq.calibrate`).
     optional: if False, a rule that matches nothing is an error.
 
   A bad pattern (not a str, not a regex) or spec raises ValueError at
-  construction, as does `act=` without `weight=`.
+  construction, as do `act=` or `method=` without `weight=`.
 
   Example:
     >>> import jaxquant as jq
@@ -52,6 +56,7 @@ class Rule:
   _: dataclasses.KW_ONLY
   weight: QuantSpec | None = None
   act: QuantSpec | None = None
+  method: methods.Gptq | None = None
   optional: bool = False
 
   def __post_init__(self):
@@ -75,6 +80,23 @@ class Rule:
       raise ValueError(
           f"Rule {self.pattern!r}: act= without weight= is not supported; "
           "quantize the weight too (e.g. weight=jq.int8()) or drop act")
+    if self.method is not None:
+      self._check_method()
+
+  def _check_method(self):
+    where = f"Rule {self.pattern!r}: method={self.method!r}"
+    if not isinstance(self.method, methods.METHODS):
+      raise ValueError(f"{where} is not a method; use jq.gptq() or None "
+                       "(round-to-nearest)")
+    if self.weight is None:
+      raise ValueError(f"{where} without weight=: a method rounds weights; "
+                       "give the weight spec (e.g. weight=jq.int4())")
+    if self.weight.rounding == "stochastic":
+      raise ValueError(f"{where} rounds to nearest while compensating the "
+                       "error; drop rounding='stochastic' from the weight")
+    if self.weight.clip == "mse":
+      raise ValueError(f"{where} takes each group's range as its columns are "
+                       "reached; drop clip='mse' from the weight")
 
   def matches(self, path: str) -> bool:
     """Whether `pattern` fully matches the '/'-joined `path`."""
@@ -157,7 +179,9 @@ class Recipe:
 
   def __str__(self):
     rows = [f"  Rule({r.pattern!r}, weight={_label(r.weight)}, "
-            f"act={_label(r.act)})" for r in self.rules]
+            f"act={_label(r.act)}"
+            + (f", method={r.method.name}" if r.method else "") + ")"
+            for r in self.rules]
     return "Recipe([\n" + ",\n".join(rows) + "\n])"
 
 

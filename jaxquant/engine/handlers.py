@@ -11,7 +11,8 @@ import dataclasses
 import functools
 
 from jaxquant import numerics
-from jaxquant.engine import lowering
+from jaxquant.engine import hessian, lowering
+from jaxquant.engine.hessian import HessianKey
 from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
                                      activation_scale, fake_quant_matmul,
                                      fp8_matmul, grouped_int8_matmul,
@@ -19,6 +20,7 @@ from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
 from jaxquant.engine.lowering import Lowering
 from jaxquant.engine.payloads import (GROUP_MOVED, DequantizedPayload,
                                       GroupPayload, QuantPayload)
+from jaxquant.methods import HESSIAN
 from jaxquant.spec import QuantSpec
 from jaxquant.transform.interpreter import Handler, bind_plain
 from jaxquant.transform.site import Site
@@ -192,11 +194,18 @@ class OpRecord:
 
 @dataclasses.dataclass(kw_only=True)
 class ObserveHandler(Handler):
-  """Emits the activation operand of every matmul a rule quantizes."""
+  """Emits the activation operand of every matmul a rule quantizes and,
+  for rules whose method needs it, the activation's `x^T x` under a
+  `HessianKey`."""
 
   def on_matmul(self, eqn, site, rule, invals):
     if rule is not None and rule.weight is not None:
-      self.emit(site.path, value(invals[site.act_index]))
+      x = value(invals[site.act_index])
+      self.emit(site.path, x)
+      if rule.method is not None and HESSIAN in rule.method.needs:
+        axes = invals[site.weight_index].axes
+        key = HessianKey(site.path, frozenset().union(*axes))
+        self.emit(key, hessian.gram(x, site, axes))
     return bind_plain(eqn, invals)
 
 
