@@ -211,11 +211,48 @@ def test_a_singular_hessian_names_the_weight():
     jq.quantize_params(model.apply, params, rec, x, stats=stats)
 
 
-def test_gptq_on_a_convolution_is_refused_at_calibration():
-  model = nn.Conv(4, (3, 3))
-  x = jnp.ones((2, 8, 8, 3))
+@pytest.mark.parametrize("padding, stride, dilation",
+                         [("SAME", 1, 1), ("VALID", 2, 1), ("SAME", 1, 2)])
+def test_a_convolutions_hessian_is_over_its_input_patches(padding, stride,
+                                                          dilation):
+  model = nn.Conv(4, (3, 2), padding=padding, strides=stride,
+                  kernel_dilation=dilation)
+  xs = batches((2, 7, 6, 3), n=2)
+  params = model.init(jax.random.key(0), xs[0])
+  stats = jq.calibrate(model.apply, params, recipe(jq.int4()), xs,
+                       progress=False)
+  # im2col by a convolution with one-hot kernels: feature k = (h, w, in).
+  one_hot = jnp.eye(18).reshape(3, 2, 3, 18)
+  patches = [jax.lax.conv_general_dilated(
+      x, one_hot, (stride, stride), padding, rhs_dilation=(dilation,) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+             for x in xs]
+  assert_gram_close(stats.hessian("params/kernel"),
+                    sum(gram(p.reshape(-1, 18)) for p in patches))
+
+
+def test_gptq_on_a_convolution_beats_round_to_nearest():
+  model = nn.Conv(16, (3, 3))
+  # Neighbouring pixels correlate, as in images: cumulative sums.
+  xs = [jnp.cumsum(jnp.cumsum(x, 1), 2) / 8 for x in batches((8, 8, 8, 12))]
+  params = model.init(jax.random.key(0), xs[0])
+  stats = jq.calibrate(model.apply, params, recipe(jq.int3()), xs,
+                       progress=False)
+  q_gptq = jq.quantize_params(model.apply, params, recipe(jq.int3()), xs[0],
+                              stats=stats)
+  q_rtn = jq.quantize_params(model.apply, params, rtn(jq.int3()), xs[0])
+  x = jnp.concatenate(xs)
+  ref = model.apply(params, x)
+  err = lambda q: float(jnp.linalg.norm(model.apply(jq.dequantize_tree(q), x)
+                                        - ref))
+  assert err(q_gptq) < 0.9 * err(q_rtn)
+
+
+def test_gptq_on_a_depthwise_convolution_is_refused_at_calibration():
+  model = nn.Conv(4, (3, 3), feature_group_count=4)
+  x = jnp.ones((2, 8, 8, 4))
   params = model.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="params/kernel.*convolution"):
+  with pytest.raises(ValueError, match="params/kernel.*depthwise"):
     jq.calibrate(model.apply, params, recipe(jq.int4()), [x], progress=False)
 
 

@@ -205,7 +205,7 @@ class ObserveHandler(Handler):
       if rule.method is not None and HESSIAN in rule.method.needs:
         axes = invals[site.weight_index].axes
         key = HessianKey(site.path, frozenset().union(*axes))
-        self.emit(key, hessian.gram(x, site, axes))
+        self.emit(key, hessian.gram(x, site, axes, eqn.params))
     return bind_plain(eqn, invals)
 
 

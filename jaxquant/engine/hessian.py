@@ -6,7 +6,8 @@ features `k, l`, ordered like the weight's contracted axes (ascending
 parameter axes, row-major). `x`'s contracted dimensions are matched to the
 weight's through the matmul's dimension numbers and the layout ops between
 the parameter and the matmul (a reshape merging or splitting contracted
-axes is taken as row-major, as `jnp.reshape` does).
+axes is taken as row-major, as `jnp.reshape` does). A convolution's rows
+are its input patches, one per output position (im2col).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from jaxquant import compat
 from jaxquant.transform.site import Site
@@ -29,39 +32,70 @@ class HessianKey(NamedTuple):
   covered: frozenset
 
 
-def feature_order(site: Site, axes) -> tuple[int, ...]:
-  """The activation's contracted dimensions in the weight's feature order.
-
-  `axes` maps each dimension of the weight operand to the parameter axes it
-  is made of. Raises ValueError (naming the weight) where the contracted
-  features cannot be lined up with the parameter's.
-  """
-  where = f"{site.path}: GPTQ"
-  if site.primitive != compat.DOT_GENERAL:
-    raise ValueError(f"{where} supports dot_general matmuls; this weight "
-                     "feeds a convolution. Quantize it with a rule without "
-                     "method= (round-to-nearest)")
-  if site.weight_batch:
-    raise ValueError(f"{where} needs a weight without batch dimensions in "
-                     "its dot_general; quantize it without method=")
+def feature_order(site: Site, axes, dims) -> tuple[int, ...]:
+  """Positions in `dims` (the activation's contracted features, paired with
+  the weight's contracted dimensions `site.weight_contract` for a dot, or
+  the kernel's (in-features, *spatial) for a conv) in the weight's feature
+  order. Raises ValueError (naming the weight) where the features cannot be
+  lined up with the parameter's axes."""
   keyed = []
-  for w_dim, a_dim in zip(site.weight_contract, site.act_contract):
+  for i, w_dim in enumerate(dims):
     param_axes = sorted(axes[w_dim])
     if not param_axes:
-      raise ValueError(f"{where}: a contracted dimension of the weight is a "
-                       "broadcast, not a parameter axis; quantize it "
-                       "without method=")
-    keyed.append(((param_axes[0], w_dim), a_dim))
-  return tuple(a for _, a in sorted(keyed))
+      raise ValueError(f"{site.path}: GPTQ: a contracted dimension of the "
+                       "weight is a broadcast, not a parameter axis; "
+                       "quantize it without method=")
+    keyed.append(((param_axes[0], w_dim), i))
+  return tuple(i for _, i in sorted(keyed))
 
 
-def gram(x: jax.Array, site: Site, axes) -> jax.Array:
-  """`x^T x` (float32) over every row of `x`, features in weight order."""
-  order = feature_order(site, axes)
-  rest = [d for d in range(x.ndim) if d not in order]
-  k = 1
-  for d in order:
-    k *= x.shape[d]
-  rows = jnp.transpose(x, (*rest, *order)).reshape(-1, k)
-  rows = rows.astype(jnp.float32)
-  return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+def _rows(x, order, contracted):
+  """`x` as (rows, features): `contracted` dims last, in `order`."""
+  dims = [contracted[i] for i in order]
+  rest = [d for d in range(x.ndim) if d not in dims]
+  k = int(np.prod([x.shape[d] for d in dims], dtype=int))
+  return jnp.transpose(x, (*rest, *dims)).reshape(-1, k)
+
+
+def _conv_patches(x, site: Site, params):
+  """The conv input as patches, (..., in-features, *window) per output
+  position; the kernel dimensions these features pair with."""
+  where = f"{site.path}: GPTQ"
+  if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+    raise ValueError(f"{where} needs a dense convolution (one feature "
+                     "group); quantize this grouped or depthwise conv "
+                     "without method=")
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  window = [site.weight_shape[d] for d in rhs_spec[2:]]
+  patches = lax.conv_general_dilated_patches(
+      x, window, params["window_strides"], params["padding"],
+      params["lhs_dilation"], params["rhs_dilation"],
+      params["dimension_numbers"], precision=lax.Precision.HIGHEST)
+  # Patch features come in-feature major, then the window in rhs order.
+  feature = out_spec[1]
+  split = patches.shape[:feature] + (x.shape[lhs_spec[1]], *window) + (
+      patches.shape[feature + 1:])
+  contracted = tuple(range(feature, feature + 1 + len(window)))
+  return patches.reshape(split), contracted, tuple(rhs_spec[1:])
+
+
+def gram(x: jax.Array, site: Site, axes, params) -> jax.Array:
+  """`x^T x` (float32) over every row of `x`, features in weight order.
+
+  Args:
+    x: the activation operand of the matmul.
+    site: the matmul (`jaxquant.transform.Site`).
+    axes: per dimension of the weight operand, the parameter axes it holds.
+    params: the matmul equation's params (a conv's window and strides).
+  """
+  if site.weight_batch:
+    raise ValueError(f"{site.path}: GPTQ needs a weight without batch "
+                     "dimensions in its dot_general; quantize it without "
+                     "method=")
+  if site.primitive == compat.DOT_GENERAL:
+    contracted, dims = site.act_contract, site.weight_contract
+  else:
+    x, contracted, dims = _conv_patches(x, site, params)
+  rows = _rows(x.astype(jnp.float32), feature_order(site, axes, dims),
+               contracted)
+  return jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)
