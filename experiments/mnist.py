@@ -1,4 +1,5 @@
-"""MNIST CNN: float vs PTQ (W8A8 / W4A8 / W2A8) vs QAT vs PTQ + fine-tuning.
+"""MNIST CNN: float vs PTQ (W8A8 / W4A8 / W2A8) vs GPTQ vs QAT vs PTQ +
+fine-tuning.
 
   python -m experiments.mnist [--quick] [--out DIR] [--epochs N] [--seed S]
 
@@ -21,6 +22,10 @@ s8 x s8 -> s32 matmuls and convolutions) except the float baseline:
           (symmetric), either with one static per-tensor scale calibrated on
           20 training batches of 128 (`jq.calibrate`, observer "minmax" or
           "mse") or dynamic (scale per example computed at run time).
+  GPTQ    per-channel int3 / int2 weights rounded by `jq.gptq()` (default
+          settings) instead of to nearest, Hessians from the same 20
+          calibration batches, static minmax int8 activations; shown
+          beside the round-to-nearest row of the same spec (--quick: int2).
   QAT     trained from scratch (same initialisation, schedule and epochs as
           float) with `jq.fake_quant_apply(model.apply, recipe)`: per-channel int8 /
           int4 / int2 weights, dynamic int8 activations (exactly what
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import flax.linen as nn
 import jax
@@ -73,7 +79,9 @@ EVAL_BATCH = 256       # evaluation and timing batch (one compiled shape)
 LR, QAFT_LR = 2e-3, 5e-4
 QAFT_EPOCHS = 1.0
 CALIB_BATCHES = 20
-SPECS = {8: jq.int8, 4: jq.int4, 2: jq.int2}
+# GPTQ rows (with their round-to-nearest twins), per --quick.
+GPTQ_BITS = {True: (2,), False: (3, 2)}
+SPECS = {8: jq.int8, 4: jq.int4, 3: jq.int3, 2: jq.int2}
 GRAN = {"channel": "ch", "tensor": "t"}
 
 
@@ -94,11 +102,13 @@ def _max_pool(x):
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def recipe(bits: int, granularity: str = "channel") -> jq.Recipe:
-  """Weights at `bits` (per tensor or channel), int8 activations."""
+def recipe(bits: int, granularity: str = "channel",
+           method=None) -> jq.Recipe:
+  """Weights at `bits` (per tensor or channel), int8 activations; `method`
+  (e.g. `jq.gptq()`) rounds the weights, round-to-nearest when None."""
   return jq.Recipe([jq.Rule(r".*kernel",
                             weight=SPECS[bits](granularity=granularity),
-                            act=jq.int8())])
+                            act=jq.int8(), method=method)])
 
 
 # ------------------------------------------------------------------ training
@@ -267,6 +277,28 @@ def experiment(quick: bool, epochs: float, seed: int, timer) -> dict:
                                    example, stats=stats.get(calib))
       add(f"PTQ W{bits}A8 {GRAN[gran]} {calib}", "PTQ", bits, gran, calib,
           accuracy(qapply(bits, gran), qparams, x_test, y_test), qparams)
+
+  # -- GPTQ against round-to-nearest, same weights and activation scales:
+  # one calibration collects the activation ranges and GPTQ's Hessians.
+  with timer("GPTQ"):
+    for bits in GPTQ_BITS[quick]:
+      name = f"W{bits}A8 ch minmax"
+      if not any(r["name"] == f"PTQ {name}" for r in rows):
+        qparams = jq.quantize_params(model.apply, params, recipe(bits),
+                                     example, stats=stats["minmax"])
+        add(f"PTQ {name}", "PTQ", bits, "channel", "minmax",
+            accuracy(qapply(bits, "channel"), qparams, x_test, y_test),
+            qparams)
+      rec = recipe(bits, method=jq.gptq())
+      start = time.perf_counter()
+      gptq_stats = jq.calibrate(model.apply, params, rec, batches,
+                                progress=common.tty())
+      qparams = jq.quantize_params(model.apply, params, rec, example,
+                                   stats=gptq_stats, progress=False)
+      seconds = time.perf_counter() - start
+      add(f"GPTQ {name}", "GPTQ", bits, "channel", "minmax",
+          accuracy(qapply(bits, "channel"), qparams, x_test, y_test),
+          qparams, {"quantize_seconds": seconds})
 
   # -- QAT from scratch, and PTQ + quantization-aware fine-tuning
   def quantize_and_eval(name, method, bits, trained, info):
@@ -453,8 +485,8 @@ def _clusters(rows, yfrac):
 def plot_pareto(rows, path):
   """Accuracy vs bytes (log x); labels in a column beside each cluster."""
   import matplotlib.pyplot as plt
-  colors = {"float": "k", "PTQ": "#4477aa", "QAT": "#cc3311",
-            "QAFT": "#228833"}
+  colors = {"float": "k", "PTQ": "#4477aa", "GPTQ": "#aa3377",
+            "QAT": "#cc3311", "QAFT": "#228833"}
   float_acc = rows[0]["accuracy"]
   low = min(r["accuracy"] for r in rows)
   panels = [(0.0, 1.02, "all variants")]

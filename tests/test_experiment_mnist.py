@@ -42,7 +42,7 @@ def test_writes_table_json_and_figures(report):
 def test_every_pipeline_stage_ran(report):
   _, data = report
   methods = {r["method"] for r in data["rows"]}
-  assert methods == {"float", "PTQ", "QAT", "QAFT"}
+  assert methods == {"float", "PTQ", "GPTQ", "QAT", "QAFT"}
   ptq = _rows(data, method="PTQ")
   assert {r["calibration"] for r in ptq} == {"minmax", "mse", "dynamic"}
   assert {r["granularity"] for r in ptq} == {"channel", "tensor"}
@@ -92,3 +92,14 @@ def test_accuracies_and_bytes(report):
   by_bits = {r["weight_bits"]: r["bytes"] for r in _rows(
       data, method="PTQ", granularity="channel")}
   assert by_bits[2] < by_bits[4] < by_bits[8] < 0.3 * float_row["bytes"]
+
+
+def test_gptq_beats_round_to_nearest_at_two_bits(report):
+  # Same spec, same activation scales, same execution: only the rounding
+  # differs. Round-to-nearest int2 per channel loses most of the accuracy.
+  _, data = report
+  (rtn,) = _rows(data, name="PTQ W2A8 ch minmax")
+  (gptq,) = _rows(data, name="GPTQ W2A8 ch minmax")
+  assert gptq["exec"] == rtn["exec"] and gptq["bytes"] == rtn["bytes"]
+  assert gptq["accuracy"] > rtn["accuracy"] + 0.05, (gptq, rtn)
+  assert 0 < gptq["quantize_seconds"] < 60
