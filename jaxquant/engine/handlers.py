@@ -245,8 +245,9 @@ class QuantizedHandler(Handler):
     mismatch = params_recipe_mismatch(site.path, payload, rule)
     if mismatch and self.strict:
       raise ValueError(mismatch)
-    record = functools.partial(self._record, eqn, invals, site,
-                               mismatch=mismatch)
+    record = functools.partial(
+        self._record, eqn, invals, site, mismatch=mismatch,
+        method=rule.method.name if rule and rule.method else "")
     if not isinstance(payload, (QuantPayload, DequantizedPayload)):
       record(FLOAT, "parameter not quantized")
       return bind_plain(eqn, invals)
@@ -291,10 +292,12 @@ class QuantizedHandler(Handler):
     return [_int8_kernel(payload)(eqn, site, x, payload, None, how)]
 
   def _record(self, eqn, invals, site, mode, reason, act_spec=None,
-              how: Lowering | None = None, *, mismatch=None):
+              how: Lowering | None = None, *, mismatch=None, method=""):
     payload = None if site is None else invals[site.weight_index].payload
     wspec = payload.spec.short() if isinstance(payload, QuantPayload) else (
         "dequantized" if isinstance(payload, DequantizedPayload) else "float")
+    if method and wspec != "float":  # how the stored codes were rounded
+      wspec += f" {method}"
     shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
     if mismatch:
       reason = "; ".join(filter(None, [reason, mismatch.split(": ", 1)[1]]))
