@@ -298,3 +298,20 @@ def test_layer_report_shows_the_method_and_its_gain_over_rtn():
       rows["Dense_1"].output_sqnr - rtn_sqnr["Dense_1"], abs=1e-3)
   head = str(rep).splitlines()[0]
   assert "method" in head and "vs RTN" in head
+
+
+def test_stats_with_hessians_save_and_load(tmp_path):
+  model = nn.Dense(8)
+  xs = batches((16, 32), n=2)
+  params = model.init(jax.random.key(0), xs[0])
+  cal = jq.calibration(model.apply, recipe())
+  stats = jq.calibrate(model.apply, params, recipe(), xs, progress=False)
+  jq.save(tmp_path / "stats", stats)
+  back = jq.load(tmp_path / "stats", like=cal.init(params, xs[0]))
+  np.testing.assert_array_equal(back.hessian("params/kernel"),
+                                stats.hessian("params/kernel"))
+  q_back, q = (jq.quantize_params(model.apply, params, recipe(), xs[0],
+                                  stats=s, progress=False)
+               for s in (back, stats))
+  np.testing.assert_array_equal(q_back["params"]["kernel"].values,
+                                q["params"]["kernel"].values)
