@@ -60,7 +60,7 @@ Metrics:
 
 Writes results.md, results.json and minilm.png to results/minilm/ (or
 --out) and prints the table. The full run uses all 353 + 999 pairs, 512
-sentences, 7 timing rounds and 8 noise-floor repeats (about 17 min on 2
+sentences, 7 timing rounds and 8 noise-floor repeats (about 14 min on 2
 shared cores); --quick (CI, about 1.5 min there) 60 pairs per word set, 32
 sentences, one timing round and no repeats. --seed (default 0) seeds the
 noise-floor perturbations and the timing order.
@@ -600,13 +600,14 @@ def plot(results, path) -> None:
          for n in names[1:]}
   bins = np.logspace(np.log10(min(e.min() for e in err.values())),
                      np.log10(max(e.max() for e in err.values())), 50)
-  colour = {}
+  colour, top = {}, 0
   for n in names[1:]:
     twin = GPTQ_TWINS.get(n)
     kw = ({"color": colour[twin], "ls": "--"} if twin in colour else {})
-    _, _, patches = axes[1].hist(err[n], bins=bins, histtype="step", lw=1.5,
-                                 label=n, **kw)
-    colour[n] = patches[0].get_edgecolor()
+    counts, _, patches = axes[1].hist(err[n], bins=bins, histtype="step",
+                                      lw=1.5, label=n, **kw)
+    colour[n], top = patches[0].get_edgecolor(), max(top, counts.max())
+  axes[1].set_ylim(0, 1.6 * top)  # room for the legend above the bars
   axes[1].set_xscale("log")
   axes[1].set_xlabel("1 - cosine to float embedding (per sentence)")
   axes[1].set_ylabel("sentences")

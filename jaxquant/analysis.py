@@ -240,7 +240,7 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   """
   kwargs = dict(model_kwargs or {})
   qparams = quantize_params(apply_fn, params, recipe, *args, stats=stats,
-                            model_kwargs=kwargs)
+                            model_kwargs=kwargs, progress=False)
   traced, dyn = Tracer(apply_fn)(params, args, kwargs)
   leaves = param_leaves(params)
   qleaves = dict(zip(traced.paths, param_leaves(qparams)))
@@ -250,7 +250,7 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   if any(rule.method is not None for rule in recipe.rules):
     rtn = Recipe([dataclasses.replace(r, method=None) for r in recipe.rules])
     rtn_params = quantize_params(apply_fn, params, rtn, *args, stats=stats,
-                                 model_kwargs=kwargs)
+                                 model_kwargs=kwargs, progress=False)
     rtn_power = compare(dict(zip(traced.paths, param_leaves(rtn_params))))[0]
   out_sqnr = lambda p: float(10 * np.log10(p[0] / max(p[1], 1e-30)))
   total_params = sum(int(np.size(l)) for l in leaves)
@@ -335,7 +335,7 @@ def _default_metric(reference):
 
 def _outputs(apply_fn, params, recipe, args, kwargs):
   qparams = quantize_params(apply_fn, params, recipe, *args,
-                            model_kwargs=kwargs)
+                            model_kwargs=kwargs, progress=False)
   out = jax.jit(quantized_apply(apply_fn, recipe))(qparams, *args, **kwargs)
   return out, qparams
 

@@ -389,8 +389,11 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
   _check_recipe(recipe)
   kwargs = dict(model_kwargs or {})
   if not any(is_qarray(l) for l in param_leaves(params)):
-    params = quantize_params(apply_fn, params, recipe, *args,
-                             model_kwargs=kwargs)
+    # How the weights are rounded does not change how they run: a rule's
+    # method (which needs calibration statistics) is not applied here.
+    rtn = Recipe([dataclasses.replace(r, method=None) for r in recipe.rules])
+    params = quantize_params(apply_fn, params, rtn, *args,
+                             model_kwargs=kwargs, progress=False)
   traced, dyn = Tracer(apply_fn)(params, args, kwargs)
   records = []
 

@@ -171,8 +171,9 @@ def test_gptq_weights_run_int8_in_the_engine():
   ref = model.apply(jq.dequantize_tree(qparams), xs[0])
   assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 2e-2
   assert jq.int8_ops(qapply, qparams, xs[0]).stablehlo >= 3
-  rep = jq.report(model.apply, qparams, rec, xs[0])
-  assert [op.weight_spec for op in rep.ops] == ["int4/g4 gptq"] * 3
+  for p in (qparams, params):  # float params: a dry run, rounded to nearest
+    rep = jq.report(model.apply, p, rec, xs[0])
+    assert [op.weight_spec for op in rep.ops] == ["int4/g4 gptq"] * 3
 
 
 def test_gptq_on_nnx_and_plain_jax_models():
