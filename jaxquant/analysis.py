@@ -248,11 +248,10 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   power, acts = compare(qleaves)
   rtn_power = {}
   if any(rule.method is not None for rule in recipe.rules):
-    rtn = Recipe([dataclasses.replace(r, method=None) for r in recipe.rules])
-    rtn_params = quantize_params(apply_fn, params, rtn, *args, stats=stats,
-                                 model_kwargs=kwargs, progress=False)
+    rtn_params = quantize_params(apply_fn, params, recipe.without_methods(),
+                                 *args, stats=stats, model_kwargs=kwargs,
+                                 progress=False)
     rtn_power = compare(dict(zip(traced.paths, param_leaves(rtn_params))))[0]
-  out_sqnr = lambda p: float(10 * np.log10(p[0] / max(p[1], 1e-30)))
   total_params = sum(int(np.size(l)) for l in leaves)
   total_bytes = nbytes(qparams)
   rows, weights, quantized = [], {}, {}
@@ -277,10 +276,10 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
             (q.act and q.act.spec) or recipe.match(path).act).short(),
         (float(w.min()), float(w.max())),
         float(np.max(np.asarray(q.scale)) * q.spec.qmax),
-        act_range, act_clip, sqnr_db(w, q.dequantize()), out_sqnr(power[path]),
-        w.size / total_params, q.nbytes / total_bytes, *_method_of(
-            recipe.match(path).method, out_sqnr(power[path]),
-            rtn_power.get(path), out_sqnr)))
+        act_range, act_clip, sqnr_db(w, q.dequantize()),
+        _output_sqnr(power[path]), w.size / total_params,
+        q.nbytes / total_bytes, *_method_of(
+            recipe.match(path).method, power[path], rtn_power.get(path))))
     weights[path], quantized[path] = w, q
   return LayerReport(tuple(rows), weights, quantized, acts)
 
@@ -313,11 +312,17 @@ def _compared(traced, recipe, params, dyn, qleaves):
   return power, acts
 
 
-def _method_of(method, sqnr: float, rtn_power, out_sqnr) -> tuple:
+def _output_sqnr(power) -> float:
+  """dB of (signal, noise) power."""
+  signal, noise = power
+  return float(10 * np.log10(signal / max(noise, 1e-30)))
+
+
+def _method_of(method, power, rtn_power) -> tuple:
   """(method name, output SQNR gain over round-to-nearest or None)."""
   if method is None or rtn_power is None:
     return "rtn", None
-  return method.name, sqnr - out_sqnr(rtn_power)
+  return method.name, _output_sqnr(power) - _output_sqnr(rtn_power)
 
 
 # --------------------------------------------------------------------------

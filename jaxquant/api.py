@@ -125,6 +125,7 @@ def _method_inputs(recipe: Recipe, specs: dict, traced, stats) -> dict:
   weight whose rule has a method."""
   out = {}
   contracted = traced.contracted()
+  layers = {} if stats is None else dict(stats.hessian_layers)
   for path in specs:
     method = recipe.match(path).method
     if method is None:
@@ -134,7 +135,6 @@ def _method_inputs(recipe: Recipe, specs: dict, traced, stats) -> dict:
           f"{path}: its rule has method={method.name}, which needs the "
           "inputs' statistics: stats = jq.calibrate(apply_fn, params, "
           "recipe, batches), then quantize_params(..., stats=stats)")
-    layers = dict(stats.hessian_layers)
     out[path] = (stats.hessian(path), contracted[path], layers[path],
                  method)
   return out
@@ -391,8 +391,7 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
   if not any(is_qarray(l) for l in param_leaves(params)):
     # How the weights are rounded does not change how they run: a rule's
     # method (which needs calibration statistics) is not applied here.
-    rtn = Recipe([dataclasses.replace(r, method=None) for r in recipe.rules])
-    params = quantize_params(apply_fn, params, rtn, *args,
+    params = quantize_params(apply_fn, params, recipe.without_methods(), *args,
                              model_kwargs=kwargs, progress=False)
   traced, dyn = Tracer(apply_fn)(params, args, kwargs)
   records = []

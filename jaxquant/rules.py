@@ -152,6 +152,10 @@ class Recipe:
     return next((i for i, r in enumerate(self.rules) if r.matches(path)),
                 None)
 
+  def without_methods(self) -> "Recipe":
+    """The same rules with every weight rounded to nearest (no `method`)."""
+    return Recipe(dataclasses.replace(r, method=None) for r in self.rules)
+
   def weight_spec(self, path: str) -> QuantSpec | None:
     """The weight spec of `path`'s rule; None to keep it float."""
     rule = self.match(path)

@@ -12,7 +12,6 @@ import functools
 
 from jaxquant import numerics
 from jaxquant.engine import hessian, lowering
-from jaxquant.engine.hessian import HessianKey
 from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
                                      activation_scale, fake_quant_matmul,
                                      fp8_matmul, grouped_int8_matmul,
@@ -204,7 +203,7 @@ class ObserveHandler(Handler):
       self.emit(site.path, x)
       if rule.method is not None and HESSIAN in rule.method.needs:
         axes = invals[site.weight_index].axes
-        key = HessianKey(site.path, frozenset().union(*axes))
+        key = hessian.HessianKey(site.path, frozenset().union(*axes))
         self.emit(key, hessian.gram(x, site, axes, eqn.params))
     return bind_plain(eqn, invals)
 

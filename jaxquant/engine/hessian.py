@@ -32,7 +32,7 @@ class HessianKey(NamedTuple):
   covered: frozenset
 
 
-def feature_order(site: Site, axes, dims) -> tuple[int, ...]:
+def _feature_order(site: Site, axes, dims) -> tuple[int, ...]:
   """Positions in `dims` (the activation's contracted features, paired with
   the weight's contracted dimensions `site.weight_contract` for a dot, or
   the kernel's (in-features, *spatial) for a conv) in the weight's feature
@@ -96,6 +96,6 @@ def gram(x: jax.Array, site: Site, axes, params) -> jax.Array:
     contracted, dims = site.act_contract, site.weight_contract
   else:
     x, contracted, dims = _conv_patches(x, site, params)
-  rows = _rows(x.astype(jnp.float32), feature_order(site, axes, dims),
+  rows = _rows(x.astype(jnp.float32), _feature_order(site, axes, dims),
                contracted)
   return jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)
