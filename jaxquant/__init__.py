@@ -16,7 +16,7 @@ from jaxquant.calibration import (Calibration, RangeTable, Stats, calibrate,
                                   calibration)
 from jaxquant.checkpoint import load, save
 from jaxquant.hlo import Int8Ops, int8_ops
-from jaxquant.methods import gptq
+from jaxquant.methods import awq, gptq, smoothquant
 from jaxquant.qarray import (ActQuant, QArray, dequantize, fake_quant,
                              quantize)
 from jaxquant.rules import Recipe, Rule
@@ -28,11 +28,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActQuant", "Calibration", "Int8Ops", "LayerReport", "QArray", "QuantSpec",
-    "RangeTable", "Recipe", "Report", "Rule", "Stats", "auto_recipe",
+    "RangeTable", "Recipe", "Report", "Rule", "Stats", "auto_recipe", "awq",
     "calibrate", "calibration", "dequantize", "dequantize_tree", "fake_quant",
     "fake_quant_apply", "fp8_e4m3", "fp8_e5m2", "gptq", "int2", "int3", "int4",
     "int8", "int8_ops",
     "layer_report", "load", "nbytes", "nf4", "observers", "quantize",
     "quantize_params", "quantize_tree", "quantized_apply", "report", "save",
-    "sensitivity", "sqnr_db", "uint8",
+    "sensitivity", "smoothquant", "sqnr_db", "uint8",
 ]

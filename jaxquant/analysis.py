@@ -95,14 +95,14 @@ class _CompareHandler(Handler):
       return exact
     pair = invals[site.weight_index].payload
     x = value(invals[site.act_index])
-    quant = pair.quant
+    x_s, quant = engine.prescaled(x, pair.quant, site, eqn.params)
     if rule.act is not None and not engine.int_path_problem(
         site, quant, rule.act, eqn.params):
-      approx = (engine.int8_matmul(eqn, site, x, quant, rule.act)
+      approx = (engine.int8_matmul(eqn, site, x_s, quant, rule.act)
                 if quant.spec.format == "int" else engine.fp8_matmul(
-                    eqn, site, x, quant, rule.act))
+                    eqn, site, x_s, quant, rule.act))
     else:
-      w = Tagged(FloatPayload(quant.materialize()), site.path,
+      w = Tagged(FloatPayload(pair.quant.materialize()), site.path,
                  invals[site.weight_index].axes)
       swapped = list(invals)
       swapped[site.weight_index] = w
@@ -275,13 +275,23 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
         "float" if recipe.match(path).act is None else (
             (q.act and q.act.spec) or recipe.match(path).act).short(),
         (float(w.min()), float(w.max())),
-        float(np.max(np.asarray(q.scale)) * q.spec.qmax),
-        act_range, act_clip, sqnr_db(w, q.dequantize()),
+        _weight_clip(q), act_range, act_clip, sqnr_db(w, q.dequantize()),
         _output_sqnr(power[path]), w.size / total_params,
         q.nbytes / total_bytes, *_method_of(
             recipe.match(path).method, power[path], rtn_power.get(path))))
     weights[path], quantized[path] = w, q
   return LayerReport(tuple(rows), weights, quantized, acts)
+
+
+def _weight_clip(q) -> float:
+  """The largest |weight| any of `q`'s scales represents (divided by the
+  pre-scale of its input feature when `q` has an `in_scale`)."""
+  scale = np.asarray(q.scale)
+  if q.in_scale is None:
+    return float(np.max(scale) * q.spec.qmax)
+  if q.spec.granularity == "group":
+    scale = np.repeat(scale, q.spec.group_size, axis=q.spec.group_axis)
+  return float(np.max(scale * q.spec.qmax / np.asarray(q.in_scale)))
 
 
 def _compared(traced, recipe, params, dyn, qleaves):

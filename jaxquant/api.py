@@ -21,6 +21,8 @@ import numpy as np
 
 from jaxquant import engine, numerics, text
 from jaxquant.gptq import gptq_leaf
+from jaxquant.methods import HESSIAN, Gptq
+from jaxquant.prescaled import prescaled_leaf, prescaled_range
 from jaxquant.qarray import (ActQuant, QArray, fake_quant as fake_quant_array,
                              quantize)
 from jaxquant.rules import Recipe
@@ -57,7 +59,9 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
     recipe: which weight gets which spec.
     *args: example inputs; only their shapes and dtypes are used.
     stats: calibration `Stats` for static activation scales, and for rules
-      with a `method` (e.g. `jq.gptq()`), which needs them.
+      with a `method` (`jq.gptq()`, `jq.awq()`, `jq.smoothquant()`), which
+      need them. With AWQ / SmoothQuant the static activation range is that
+      of `x / in_scale`, from the per-feature min / max.
     key: a PRNG key, needed by rules with `rounding="stochastic"`.
     model_kwargs: keyword arguments of `apply_fn`.
     progress: a progress bar over the weights a method quantizes.
@@ -86,14 +90,17 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
     stats.check_model(traced.paths, [np.shape(l) for l in leaves])
   keys = _leaf_keys(specs, traced.paths, key)
 
-  methods = _method_inputs(recipe, specs, traced, stats)
+  methods = _methods(recipe, specs, stats)
+  contracted = traced.contracted()
   from tqdm.auto import tqdm  # here: importing it warns in some notebooks
-  bar = tqdm(total=len(methods), desc="gptq", leave=False,
+  bar = tqdm(total=len(methods), desc="methods", leave=False,
              disable=not (progress and methods))
 
   def quantized(path, leaf):
     if path in methods:
-      q = gptq_leaf(leaf, specs[path], *methods[path], path)
+      bar.set_description(f"{methods[path].name} {path}")
+      q = _by_method(leaf, specs[path], methods[path], stats,
+                     contracted[path], path)
       bar.update()
     else:
       q = quantize(leaf, specs[path], key=keys.get(path), where=path)
@@ -110,6 +117,9 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
           f"{path}: no calibration statistics for its activation (calibrated "
           "with another recipe, or the matmul sits inside a while loop or "
           "cond); calibrate with this recipe or drop act= for this rule")
+    if q.in_scale is not None:
+      return _with_static_act(q, act, *prescaled_range(
+          q, stats.feature_stats(path)))
     return _with_static_act(q, act, *stats.act_range(path))
 
   out = jax.tree_util.tree_unflatten(
@@ -120,12 +130,9 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
   return out
 
 
-def _method_inputs(recipe: Recipe, specs: dict, traced, stats) -> dict:
-  """Path -> (Hessian, contracted axes, stacked layers, method) of every
-  weight whose rule has a method."""
+def _methods(recipe: Recipe, specs: dict, stats) -> dict:
+  """Path -> method of every weight whose rule has one (stats required)."""
   out = {}
-  contracted = traced.contracted()
-  layers = {} if stats is None else dict(stats.hessian_layers)
   for path in specs:
     method = recipe.match(path).method
     if method is None:
@@ -135,9 +142,19 @@ def _method_inputs(recipe: Recipe, specs: dict, traced, stats) -> dict:
           f"{path}: its rule has method={method.name}, which needs the "
           "inputs' statistics: stats = jq.calibrate(apply_fn, params, "
           "recipe, batches), then quantize_params(..., stats=stats)")
-    out[path] = (stats.hessian(path), contracted[path], layers[path],
-                 method)
+    out[path] = method
   return out
+
+
+def _by_method(leaf, spec, method, stats, contracted, path: str) -> QArray:
+  """`leaf` quantized by its rule's method from the calibration stats."""
+  hessian = stats.hessian(path) if HESSIAN in method.needs else None
+  stacked = dict(stats.hessian_layers).get(path, 0)
+  if isinstance(method, Gptq):
+    return gptq_leaf(leaf, spec, hessian, contracted, stacked, method, path)
+  features = stats.feature_stats(path)
+  return prescaled_leaf(leaf, spec, method, features, hessian, contracted,
+                        stacked, dict(stats.feature_axes)[path], path)
 
 
 def _leaf_keys(specs: dict, paths, key) -> dict:

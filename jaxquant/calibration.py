@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, observers, text
+from jaxquant.engine.prescale import FeatureKey, FeatureStats
 from jaxquant.rules import Recipe
 from jaxquant.transform import Tracer, float_payload, param_leaves, tag_inputs
 from jaxquant.tree import leaves_with_paths
@@ -73,9 +74,14 @@ class Stats:
   depth: tuple = dataclasses.field(metadata=dict(static=True))
   param_shapes: tuple = dataclasses.field(metadata=dict(static=True))
   hessians: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
-  # (path, leading axes of its Hessian that are stacked layers) pairs.
+  # (path, leading axes of its Hessian / features that are stacked layers).
   hessian_layers: tuple = dataclasses.field(default=(),
                                             metadata=dict(static=True))
+  # path -> FeatureStats of its input features (AWQ, SmoothQuant).
+  features: dict[str, FeatureStats] = dataclasses.field(default_factory=dict)
+  # (path, parameter axes its input features run along) pairs.
+  feature_axes: tuple = dataclasses.field(default=(),
+                                          metadata=dict(static=True))
 
   def hessian(self, path: str) -> jax.Array:
     """`sum x^T x` over the inputs of `path`'s matmuls (for methods such as
@@ -88,6 +94,19 @@ class Stats:
           "recipe whose rule gives it a method that needs one (e.g. "
           "method=jq.gptq())")
     return self.hessians[path]
+
+  def feature_stats(self, path: str) -> FeatureStats:
+    """Per input feature of `path`'s matmuls (for `jq.awq` and
+    `jq.smoothquant`): `sum |x|`, `min x`, `max x` of shape (K,) or
+    (layers, K) for a weight stacked by `nn.scan`, and the rows seen; K the
+    contracted features in the weight's row-major order (a convolution's
+    input channels)."""
+    if path not in self.features:
+      raise ValueError(
+          f"{path}: no per-feature statistics were collected for it; "
+          "calibrate with the recipe whose rule gives it a method that needs "
+          "them (e.g. method=jq.awq())")
+    return self.features[path]
 
   def act_range(self, path: str):
     """(lo, hi) for the activation of `path`: shape () or (layers,).
@@ -246,9 +265,11 @@ def _calibration(apply_fn, recipe, observer, observer_options, model_kwargs):
         states.setdefault(path, owners[path].init(example))
     shapes = tuple((path, tuple(np.shape(leaf)))
                    for path, leaf in leaves_with_paths(params))
-    layers, hessians = _hessian_layout(keys, emitted, dict(shapes))
+    layers, hessians, features, feature_axes = _method_layout(
+        keys, emitted, dict(shapes))
     return Stats(states, jnp.zeros((), jnp.int32), tuple(owners.items()),
-                 tuple(depth.items()), shapes, hessians, layers)
+                 tuple(depth.items()), shapes, hessians, layers, features,
+                 feature_axes)
 
   def update(stats: Stats, params, *batch) -> Stats:
     return _observed(stats, observe(params, batch))[0]
@@ -272,12 +293,13 @@ def _observer_of(apply_fn, recipe, model_kwargs):
   return observe
 
 
-def _hessian_layout(keys, emitted, shapes):
-  """(path, stacked layer axes) pairs and zero Hessians, from the abstract
-  side values: a Hessian emitted inside `d` scans has `d` leading axes; the
-  outer ones that slice the weight (stacked layers) are kept, the others
-  (a weight reused at every step) are summed."""
-  layers, hessians = {}, {}
+def _method_layout(keys, emitted, shapes):
+  """(path, stacked layer axes) pairs, zero Hessians, empty feature stats
+  and (path, feature axes) pairs, from the abstract side values: one
+  emitted inside `d` scans has `d` leading axes; the outer ones that slice
+  the weight (stacked layers) are kept, the others (a weight reused at
+  every step) are summed."""
+  layers, hessians, features, feature_axes = {}, {}, {}, {}
   for (key, d), example in zip(keys, emitted):
     if isinstance(key, str):
       continue
@@ -285,14 +307,22 @@ def _hessian_layout(keys, emitted, shapes):
     if stacked > d:
       raise ValueError(f"{key.path}: a slice of it meets a matmul outside "
                        "the scan that stacks it; quantize it without method=")
-    shape = example.shape[:stacked] + example.shape[d:]
-    if layers.setdefault(key.path, stacked) != stacked or (
-        hessians.setdefault(key.path, jnp.zeros(shape, jnp.float32)).shape
-        != shape):
+    cut = lambda a: jax.ShapeDtypeStruct(a.shape[:stacked] + a.shape[d:],
+                                         jnp.float32)
+    if isinstance(key, FeatureKey):
+      empty = FeatureStats.empty(FeatureStats(*map(cut, example)))
+      same = feature_axes.setdefault(key.path, key.feature_axes) == (
+          key.feature_axes) and features.setdefault(
+              key.path, empty).abs_sum.shape == empty.abs_sum.shape
+    else:
+      zero = jnp.zeros(cut(example).shape, jnp.float32)
+      same = hessians.setdefault(key.path, zero).shape == zero.shape
+    if layers.setdefault(key.path, stacked) != stacked or not same:
       raise ValueError(f"{key.path} is contracted differently by its "
-                       "matmuls, so they share no Hessian; give it a rule "
+                       "matmuls, so they share no statistics; give it a rule "
                        "without method=")
-  return tuple(layers.items()), hessians
+  return (tuple(layers.items()), hessians, features,
+          tuple(feature_axes.items()))
 
 
 def _observed(stats: Stats, sides):
@@ -300,16 +330,21 @@ def _observed(stats: Stats, sides):
   with a path key) whether it is finite."""
   owners, layers = dict(stats.observers), dict(stats.hessian_layers)
   states, hessians, finite = dict(stats.states), dict(stats.hessians), []
+  features = dict(stats.features)
   for key, depth, x in sides:
     if isinstance(key, str):
       x = x.astype(jnp.float32)
       finite.append(jnp.all(jnp.isfinite(x)))
       states[key] = owners[key].update(states[key], x)
+      continue
+    steps = tuple(range(layers[key.path], depth))
+    if isinstance(key, FeatureKey):
+      features[key.path] = FeatureStats.combine(
+          features[key.path], FeatureStats.reduce(x, steps))
     else:
-      kept = layers[key.path]
-      hessians[key.path] = hessians[key.path] + jnp.sum(
-          x, axis=tuple(range(kept, depth)))
+      hessians[key.path] = hessians[key.path] + jnp.sum(x, axis=steps)
   return dataclasses.replace(stats, states=states, hessians=hessians,
+                             features=features,
                              num_batches=stats.num_batches + 1), finite
 
 

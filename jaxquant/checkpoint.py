@@ -65,7 +65,8 @@ _DIGEST = len(MAGIC) + 1     # offset of the SHA-256
 _PREFIX = _DIGEST + 32       # magic, version and checksum
 _CHUNK = 16 << 20            # bytes per read / write: bounds the extra memory
 _ALIGN = 64                  # XLA:CPU adopts 64-byte aligned buffers, no copy
-_QFIELDS = ("values", "scale", "zero_point", "act_scale", "act_zero_point")
+_QFIELDS = ("values", "scale", "zero_point", "act_scale", "act_zero_point",
+            "in_scale")
 
 
 def _qarray_fields(q: QArray) -> dict:
@@ -73,7 +74,8 @@ def _qarray_fields(q: QArray) -> dict:
   act = q.act
   return {"values": q.values, "scale": q.scale, "zero_point": q.zero_point,
           "act_scale": None if act is None else act.scale,
-          "act_zero_point": None if act is None else act.zero_point}
+          "act_zero_point": None if act is None else act.zero_point,
+          "in_scale": q.in_scale}
 _ABSENT = object()           # no `like` for this subtree
 _DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
            "uint32", "uint64", "float16", "float32", "float64", "bfloat16",
@@ -634,7 +636,8 @@ def _qarray_plan(d, path) -> _Plan:
   plan = _Plan(arrays, lambda a: QArray(
       a["values"], a["scale"], a.get("zero_point"), spec, shape, dtype,
       None if act is None and a.get("act_scale") is None else ActQuant(
-          a.get("act_scale"), a.get("act_zero_point"), act)))
+          a.get("act_scale"), a.get("act_zero_point"), act),
+      a.get("in_scale")))
   problem = _qarray_problem(plan.stub(), path)
   if problem:
     raise _Invalid(f"{path}: QArray {problem}")
@@ -662,6 +665,13 @@ def _qarray_problem(q: QArray, path) -> str | None:
   act_shape = None if act is None else tuple(fields["act_scale"].shape)
   if act_shape is not None and len(act_shape) > len(q.shape):
     return f"act scale has shape {act_shape}, more axes than the weight"
+  if q.in_scale is not None and (
+      len(q.in_scale.shape) != len(q.shape)
+      or any(n not in (1, d) for n, d in zip(q.in_scale.shape, q.shape))
+      or not jnp.issubdtype(q.in_scale.dtype, jnp.floating)):
+    return (f"in_scale has shape {tuple(q.in_scale.shape)} and dtype "
+            f"{q.in_scale.dtype}, expected a float keepdims shape of "
+            f"{q.shape}")
   want = {"values": (_values_shape(q.shape, spec), _values_dtype(spec)),
           "scale": (scale, None), "zero_point": (scale, None),
           "act_scale": (act_shape, None), "act_zero_point": (act_shape, None)}

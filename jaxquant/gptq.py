@@ -27,7 +27,7 @@ from jaxquant.spec import QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
+class ProblemLayout:
   """How a leaf maps to (layers, N, K): its axes, grouped by role."""
 
   stacked: tuple[int, ...]
@@ -48,17 +48,20 @@ class _Layout:
     return jnp.transpose(x.reshape(moved), np.argsort(self.order))
 
 
-def _layout(shape, contracted, stacked: int, path: str) -> _Layout:
+def problem_layout(shape, contracted, stacked: int,
+                   path: str) -> ProblemLayout:
+  """The axes of a leaf of `shape` by role; a ValueError naming `path` when
+  a scan-stacked axis is contracted."""
   lead = tuple(range(stacked))
   if set(lead) & set(contracted):
     raise ValueError(f"{path}: a scan-stacked axis is contracted; quantize "
                      "it without method=")
   channels = tuple(a for a in range(len(shape))
                    if a not in contracted and a not in lead)
-  return _Layout(lead, channels, tuple(sorted(contracted)))
+  return ProblemLayout(lead, channels, tuple(sorted(contracted)))
 
 
-def _group_ids(shape, layout: _Layout, spec: QuantSpec, path: str):
+def _group_ids(shape, layout: ProblemLayout, spec: QuantSpec, path: str):
   """(K,) group of each contracted feature, and whether scales are shared
   by all rows (per-tensor)."""
   sizes = [shape[a] for a in layout.contracted]
@@ -109,7 +112,7 @@ def gptq_leaf(leaf, spec: QuantSpec, hessian, contracted, stacked: int,
     path: the parameter path, for errors.
   """
   shape = tuple(leaf.shape)
-  layout = _layout(shape, contracted, stacked, path)
+  layout = problem_layout(shape, contracted, stacked, path)
   group_ids, per_tensor = _group_ids(shape, layout, spec, path)
   w = layout.to_problems(jnp.asarray(leaf, jnp.float32))   # (L, N, K)
   k = w.shape[-1]

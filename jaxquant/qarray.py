@@ -1,7 +1,9 @@
 """`QArray`: a quantized tensor as a pytree, and `quantize` / `dequantize`.
 
 Children (traced): `values` (int8 / uint8, or packed uint8 for int4 and
-int2), `scale` (float32) and `zero_point` (float32, or None when symmetric).
+int2), `scale` (float32) and `zero_point` (float32, or None when symmetric),
+and, for activation-aware methods (`jq.awq`, `jq.smoothquant`), an
+`in_scale` per input feature.
 Aux data (static, hashable): the resolved `spec`, the logical `shape` and
 the `dtype` that `dequantize` returns.
 
@@ -82,6 +84,12 @@ class QArray:
     shape: the logical shape (static).
     dtype: the dtype `dequantize` returns (static).
     act: an `ActQuant` for static activation quantization, or None.
+    in_scale: None, or a float32 pre-scale `s > 0` per input feature of the
+      matmul (keepdims: the weight's rank, size 1 except on the features'
+      axes and scan-stacked layer axes). The codes then hold `W * s` and
+      `dequantize` returns `Q(W * s) / s`; the engine computes
+      `(x / s) @ Q(W * s)`, the activation pre-scale fused with its
+      quantization (AWQ / SmoothQuant).
 
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
@@ -99,6 +107,8 @@ class QArray:
   # Static activation quantization of the matmul this weight feeds; None:
   # activations are quantized dynamically (or not at all).
   act: ActQuant | None = None
+  # Pre-scale of the input features (the codes hold W * in_scale); None: 1.
+  in_scale: jax.Array | None = None
 
   @property
   def ndim(self) -> int:
@@ -113,7 +123,7 @@ class QArray:
     """Bytes of values, scales and zero points together."""
     act = self.act or ActQuant(None, None, None)
     parts = (self.values, self.scale, self.zero_point, act.scale,
-             act.zero_point)
+             act.zero_point, self.in_scale)
     return sum(int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize
                for p in parts if p is not None)
 
@@ -244,7 +254,8 @@ def dequantize(q: QArray) -> jax.Array:
 
   Packed codes are unpacked first; per-group scales apply to each group of
   `group_size` elements; fp8 codes and nf4 code values stand in for the
-  integer values (see `QArray.grid_values`).
+  integer values (see `QArray.grid_values`). With an `in_scale` `s` the
+  result is divided by it: `Q(W * s) / s` approximates `W`.
 
   Args:
     q: a `QArray`.
@@ -263,14 +274,22 @@ def dequantize(q: QArray) -> jax.Array:
   """
   values = q.grid_values()
   if q.spec.granularity != "group":
-    return numerics.dequantize_with_scale(values, q.scale, q.zero_point,
-                                          q.dtype)
-  axis = q.spec.group_axis
-  view = numerics.grouped(values, q.spec)
-  expand = lambda a: None if a is None else jnp.expand_dims(a, axis + 1)
-  out = numerics.dequantize_with_scale(view, expand(q.scale),
-                                       expand(q.zero_point), q.dtype)
-  return out.reshape(q.shape)
+    out = numerics.dequantize_with_scale(values, q.scale, q.zero_point,
+                                         q.dtype)
+  else:
+    axis = q.spec.group_axis
+    view = numerics.grouped(values, q.spec)
+    expand = lambda a: None if a is None else jnp.expand_dims(a, axis + 1)
+    out = numerics.dequantize_with_scale(view, expand(q.scale),
+                                         expand(q.zero_point), q.dtype)
+  return unscaled(out.reshape(q.shape), q.in_scale)
+
+
+def unscaled(w, in_scale):
+  """`w / in_scale` in `w`'s dtype (`w` itself when `in_scale` is None)."""
+  if in_scale is None:
+    return w
+  return (w.astype(jnp.float32) / in_scale).astype(w.dtype)
 
 
 def fake_quant(x, spec: QuantSpec, *, key=None, value_range=None,

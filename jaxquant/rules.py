@@ -38,8 +38,9 @@ class Rule:
     weight: spec for the parameter, or None to keep it in float.
     act: spec for the activation multiplied with it (None: weight-only).
     method: how the weight is rounded: None for round-to-nearest, or a
-      post-training method such as `jq.gptq()` (`jaxquant.methods`), which
-      needs calibration statistics (`jq.calibrate`).
+      post-training method, `jq.gptq()`, `jq.awq()` or `jq.smoothquant()`
+      (`jaxquant.methods`), which needs calibration statistics
+      (`jq.calibrate`).
     optional: if False, a rule that matches nothing is an error.
 
   A bad pattern (not a str, not a regex) or spec raises ValueError at
@@ -56,7 +57,7 @@ class Rule:
   _: dataclasses.KW_ONLY
   weight: QuantSpec | None = None
   act: QuantSpec | None = None
-  method: methods.Gptq | None = None
+  method: methods.Gptq | methods.Awq | methods.SmoothQuant | None = None
   optional: bool = False
 
   def __post_init__(self):
@@ -86,17 +87,23 @@ class Rule:
   def _check_method(self):
     where = f"Rule {self.pattern!r}: method={self.method!r}"
     if not isinstance(self.method, methods.METHODS):
-      raise ValueError(f"{where} is not a method; use jq.gptq() or None "
-                       "(round-to-nearest)")
+      raise ValueError(f"{where} is not a method; use jq.gptq(), jq.awq(), "
+                       "jq.smoothquant() or None (round-to-nearest)")
     if self.weight is None:
       raise ValueError(f"{where} without weight=: a method rounds weights; "
                        "give the weight spec (e.g. weight=jq.int4())")
     if self.weight.rounding == "stochastic":
       raise ValueError(f"{where} rounds to nearest while compensating the "
                        "error; drop rounding='stochastic' from the weight")
-    if self.weight.clip == "mse":
+    if self.weight.clip == "mse" and isinstance(self.method, methods.Gptq):
       raise ValueError(f"{where} takes each group's range as its columns are "
                        "reached; drop clip='mse' from the weight")
+    if self.method.prescales and self.act is not None and isinstance(
+        self.act.clip, tuple):
+      raise ValueError(f"{where} divides the activation by a per-feature "
+                       f"scale, so act clip={self.act.clip} no longer bounds "
+                       "it; drop the act clip and calibrate (stats=) for a "
+                       "static range")
 
   def matches(self, path: str) -> bool:
     """Whether `pattern` fully matches the '/'-joined `path`."""

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 
 from jaxquant import numerics
-from jaxquant.engine import hessian, lowering
+from jaxquant.engine import hessian, lowering, prescale
 from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
                                      activation_scale, fake_quant_matmul,
                                      fp8_matmul, grouped_int8_matmul,
@@ -19,7 +19,7 @@ from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
 from jaxquant.engine.lowering import Lowering
 from jaxquant.engine.payloads import (GROUP_MOVED, DequantizedPayload,
                                       GroupPayload, QuantPayload)
-from jaxquant.methods import HESSIAN
+from jaxquant.methods import FEATURES, HESSIAN
 from jaxquant.spec import QuantSpec
 from jaxquant.transform.interpreter import Handler, bind_plain
 from jaxquant.transform.site import Site
@@ -32,6 +32,8 @@ _GROUPED = ("per-group scales need the group axis to be the only "
 _GROUP_ZP = "asymmetric per-group weights"
 _VARYING = "weight scale varies along a contracted axis"
 _CONV_ZP = "asymmetric weights in a convolution"
+_PRESCALE = ("its in_scale (AWQ / SmoothQuant) does not line up with this "
+             "matmul's input features")
 
 
 def act_spec_problem(act: QuantSpec) -> str | None:
@@ -160,6 +162,29 @@ def params_recipe_mismatch(path, payload, rule) -> str | None:
   return None
 
 
+def prescaled(x, payload, site: Site, params):
+  """`(x / s, payload without s)` for a weight with an `in_scale` `s`, so
+  that `(x / s) @ Q(W * s)` runs on every kernel as for any weight; where
+  `s` does not line up with `x`, `(x, the weight dequantized)`."""
+  if not isinstance(payload, QuantPayload) or payload.in_scale is None:
+    return x, payload
+  divided = prescale.divide(x, site, payload.in_scale, params)
+  if divided is None:
+    return x, DequantizedPayload(payload.materialize(), _PRESCALE)
+  return divided, dataclasses.replace(payload, in_scale=None)
+
+
+def _prescaled(eqn, site: Site, invals) -> list:
+  """`invals` after `prescaled`."""
+  invals = list(invals)
+  w = invals[site.weight_index]
+  x, payload = prescaled(value(invals[site.act_index]), w.payload, site,
+                         eqn.params)
+  invals[site.act_index] = x
+  invals[site.weight_index] = dataclasses.replace(w, payload=payload)
+  return invals
+
+
 def _int8_kernel(payload):
   return (grouped_int8_matmul if isinstance(payload, GroupPayload)
           else int8_matmul)
@@ -194,17 +219,23 @@ class OpRecord:
 @dataclasses.dataclass(kw_only=True)
 class ObserveHandler(Handler):
   """Emits the activation operand of every matmul a rule quantizes and,
-  for rules whose method needs it, the activation's `x^T x` under a
-  `HessianKey`."""
+  for rules whose method needs them, the activation's `x^T x` under a
+  `HessianKey` and its per-feature statistics under a `FeatureKey`."""
 
   def on_matmul(self, eqn, site, rule, invals):
     if rule is not None and rule.weight is not None:
       x = value(invals[site.act_index])
       self.emit(site.path, x)
-      if rule.method is not None and HESSIAN in rule.method.needs:
-        axes = invals[site.weight_index].axes
-        key = hessian.HessianKey(site.path, frozenset().union(*axes))
+      needs = () if rule.method is None else rule.method.needs
+      axes = invals[site.weight_index].axes
+      covered = frozenset().union(*axes)
+      if HESSIAN in needs:
+        key = hessian.HessianKey(site.path, covered)
         self.emit(key, hessian.gram(x, site, axes, eqn.params))
+      if FEATURES in needs:
+        key = prescale.FeatureKey(site.path, covered, prescale.feature_axes(
+            site, axes, eqn.params))
+        self.emit(key, prescale.feature_stats(x, site, axes, eqn.params))
     return bind_plain(eqn, invals)
 
 
@@ -250,6 +281,9 @@ class QuantizedHandler(Handler):
     if not isinstance(payload, (QuantPayload, DequantizedPayload)):
       record(FLOAT, "parameter not quantized")
       return bind_plain(eqn, invals)
+    if isinstance(payload, QuantPayload) and payload.in_scale is not None:
+      invals = _prescaled(eqn, site, invals)
+      payload = invals[site.weight_index].payload
     if rule is None or rule.act is None:
       return self._weight_only(eqn, site, invals, record,
                                "no activation spec")

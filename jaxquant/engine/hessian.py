@@ -1,6 +1,6 @@
 """The input Hessian of a matmul, `H = sum x^T x`, in the weight's terms.
 
-GPTQ needs, per quantized weight, the Gram matrix of the activation rows
+GPTQ and AWQ need, per quantized weight, the Gram matrix of the activation rows
 that meet it: `H[k, l] = sum_rows x[row, k] x[row, l]` over the contracted
 features `k, l`, ordered like the weight's contracted axes (ascending
 parameter axes, row-major). `x`'s contracted dimensions are matched to the
@@ -32,7 +32,7 @@ class HessianKey(NamedTuple):
   covered: frozenset
 
 
-def _feature_order(site: Site, axes, dims) -> tuple[int, ...]:
+def feature_order(site: Site, axes, dims) -> tuple[int, ...]:
   """Positions in `dims` (the activation's contracted features, paired with
   the weight's contracted dimensions `site.weight_contract` for a dot, or
   the kernel's (in-features, *spatial) for a conv) in the weight's feature
@@ -42,14 +42,14 @@ def _feature_order(site: Site, axes, dims) -> tuple[int, ...]:
   for i, w_dim in enumerate(dims):
     param_axes = sorted(axes[w_dim])
     if not param_axes:
-      raise ValueError(f"{site.path}: GPTQ: a contracted dimension of the "
+      raise ValueError(f"{site.path}: method=: a contracted dimension of the "
                        "weight is a broadcast, not a parameter axis; "
                        "quantize it without method=")
     keyed.append(((param_axes[0], w_dim), i))
   return tuple(i for _, i in sorted(keyed))
 
 
-def _rows(x, order, contracted):
+def rows_of(x, order, contracted):
   """`x` as (rows, features): `contracted` dims last, in `order`."""
   dims = [contracted[i] for i in order]
   rest = [d for d in range(x.ndim) if d not in dims]
@@ -60,7 +60,7 @@ def _rows(x, order, contracted):
 def _conv_patches(x, site: Site, params):
   """The conv input as patches, (..., in-features, *window) per output
   position; the kernel dimensions these features pair with."""
-  where = f"{site.path}: GPTQ"
+  where = f"{site.path}: its method"
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
     raise ValueError(f"{where} needs a dense convolution (one feature "
                      "group); quantize this grouped or depthwise conv "
@@ -89,13 +89,13 @@ def gram(x: jax.Array, site: Site, axes, params) -> jax.Array:
     params: the matmul equation's params (a conv's window and strides).
   """
   if site.weight_batch:
-    raise ValueError(f"{site.path}: GPTQ needs a weight without batch "
+    raise ValueError(f"{site.path}: method= needs a weight without batch "
                      "dimensions in its dot_general; quantize it without "
                      "method=")
   if site.primitive == compat.DOT_GENERAL:
     contracted, dims = site.act_contract, site.weight_contract
   else:
     x, contracted, dims = _conv_patches(x, site, params)
-  rows = _rows(x.astype(jnp.float32), _feature_order(site, axes, dims),
+  rows = rows_of(x.astype(jnp.float32), feature_order(site, axes, dims),
                contracted)
   return jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)

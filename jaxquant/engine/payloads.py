@@ -3,7 +3,9 @@
 `QuantPayload` carries integer values and keepdims scales (size 1 on axes a
 scale does not vary over) and follows layout ops by applying the same op to
 both; `GroupPayload` carries per-group scales and follows dtype casts only;
-`DequantizedPayload` is a weight that can only run weight-only.
+`DequantizedPayload` is a weight that can only run weight-only. An
+`in_scale` (AWQ / SmoothQuant) travels like a scale; the matmul handler
+divides the activation by it (`prescale_problem` says when it cannot).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import numerics
-from jaxquant.qarray import ActQuant, QArray
+from jaxquant.qarray import ActQuant, QArray, unscaled
 from jaxquant.spec import QuantSpec
 from jaxquant.transform.interpreter import LayoutRule
 from jaxquant.transform.tagged import FloatPayload
@@ -35,18 +37,20 @@ class QuantPayload:
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   dtype: Any = dataclasses.field(metadata=dict(static=True))
   act: ActQuant | None = None  # static activation quantization
+  in_scale: jax.Array | None = None  # the values hold W * in_scale
 
   @staticmethod
   def of(q: QArray) -> "QuantPayload":
     """The payload of a `QArray`: a `GroupPayload` for per-group scales."""
-    args = (q.grid_values(), q.scale, q.zero_point, q.spec, q.dtype, q.act)
+    args = (q.grid_values(), q.scale, q.zero_point, q.spec, q.dtype, q.act,
+            q.in_scale)
     if q.spec.granularity == "group":
       return GroupPayload(*args, group_dim=q.spec.group_axis)
     return QuantPayload(*args)
 
   def materialize(self):
-    return numerics.dequantize_with_scale(self.values, self.scale,
-                                          self.zero_point, self.dtype)
+    return unscaled(numerics.dequantize_with_scale(
+        self.values, self.scale, self.zero_point, self.dtype), self.in_scale)
 
   def apply(self, eqn, others, rule: LayoutRule):
     params = eqn.params
@@ -56,14 +60,16 @@ class QuantPayload:
       return dataclasses.replace(self, dtype=params["new_dtype"])
     in_shape = eqn.invars[0].aval.shape
     out_shape = eqn.outvars[0].aval.shape
-    scale = rule.scale(params, self.scale, in_shape, out_shape, others)
-    zp = self.zero_point
-    if zp is not None:
-      zp = rule.scale(params, zp, in_shape, out_shape, others)
-    if scale is None or (self.zero_point is not None and zp is None):
+    moved = [None if a is None else rule.scale(params, a, in_shape, out_shape,
+                                               others)
+             for a in (self.scale, self.zero_point, self.in_scale)]
+    if any(m is None and a is not None for m, a in zip(
+        moved, (self.scale, self.zero_point, self.in_scale))):
       return None
     values = eqn.primitive.bind(self.values, *others, **params)
-    return dataclasses.replace(self, values=values, scale=scale, zero_point=zp)
+    scale, zp, in_scale = moved
+    return dataclasses.replace(self, values=values, scale=scale, zero_point=zp,
+                               in_scale=in_scale)
 
   def stackable(self, length):
     """Every leaf with `length` on axis 0, for `lax.scan` to slice.
@@ -76,6 +82,7 @@ class QuantPayload:
           a, (length,) + a.shape[1:])
     return dataclasses.replace(
         self, scale=stack(self.scale), zero_point=stack(self.zero_point),
+        in_scale=stack(self.in_scale),
         act=None if self.act is None else self.act.stacked(length))
 
 
@@ -108,7 +115,7 @@ class GroupPayload(QuantPayload):
     out = numerics.dequantize_with_scale(
         view, self.expanded(self.scale), self.expanded(self.zero_point),
         self.dtype)
-    return out.reshape(self.values.shape)
+    return unscaled(out.reshape(self.values.shape), self.in_scale)
 
   def apply(self, eqn, others, rule: LayoutRule):
     """Follows casts, copies and transposes (the group axis moves with the
@@ -123,7 +130,7 @@ class GroupPayload(QuantPayload):
       return dataclasses.replace(
           self, values=eqn.primitive.bind(self.values, *others, **params),
           scale=move(self.scale), zero_point=move(self.zero_point),
-          group_dim=list(perm).index(self.group_dim))
+          in_scale=move(self.in_scale), group_dim=list(perm).index(self.group_dim))
     moved = eqn.primitive.bind(self.materialize(), *others, **params)
     return DequantizedPayload(moved, GROUP_MOVED)
 
