@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import engine, observers, text
+from jaxquant.engine import hessian
 from jaxquant.engine.prescale import FeatureKey, FeatureStats
 from jaxquant.rules import Recipe
 from jaxquant.transform import Tracer, float_payload, param_leaves, tag_inputs
@@ -82,12 +83,19 @@ class Stats:
   # (path, parameter axes its input features run along) pairs.
   feature_axes: tuple = dataclasses.field(default=(),
                                           metadata=dict(static=True))
+  # (path, path whose Hessian it shares) for weights whose matmuls read the
+  # same inputs as another's (q, k and v): one accumulator for them all.
+  hessian_owners: tuple = dataclasses.field(default=(),
+                                            metadata=dict(static=True))
 
   def hessian(self, path: str) -> jax.Array:
     """`sum x^T x` over the inputs of `path`'s matmuls (for methods such as
     `jq.gptq`): shape (K, K), K the weight's contracted features in its
     row-major order, or (layers, K, K) for a weight stacked by `nn.scan`.
-    A weight used by several matmuls gets the sum of their Hessians."""
+    A weight used by several matmuls gets the sum of their Hessians;
+    weights whose matmuls all read the same inputs (q, k and v) share one
+    array."""
+    path = dict(self.hessian_owners).get(path, path)
     if path not in self.hessians:
       raise ValueError(
           f"{path}: no Hessian was collected for it; calibrate with the "
@@ -267,9 +275,11 @@ def _calibration(apply_fn, recipe, observer, observer_options, model_kwargs):
                    for path, leaf in leaves_with_paths(params))
     layers, hessians, features, feature_axes = _method_layout(
         keys, emitted, dict(shapes))
+    shared = _shared_hessians(keys, hessians, dict(layers))
+    hessians = {p: h for p, h in hessians.items() if p not in shared}
     return Stats(states, jnp.zeros((), jnp.int32), tuple(owners.items()),
                  tuple(depth.items()), shapes, hessians, layers, features,
-                 feature_axes)
+                 feature_axes, tuple(shared.items()))
 
   def update(stats: Stats, params, *batch) -> Stats:
     return _observed(stats, observe(params, batch))[0]
@@ -325,11 +335,31 @@ def _method_layout(keys, emitted, shapes):
           tuple(feature_axes.items()))
 
 
+def _shared_hessians(keys, hessians, layers) -> dict:
+  """Path -> the earlier path whose Hessian equals its own: every matmul of
+  both reads the same activations, in the same feature order, at the same
+  scan depth (convolutions, whose source is (), never share)."""
+  uses = {}
+  for key, depth in keys:
+    if isinstance(key, hessian.HessianKey):
+      uses.setdefault(key.path, []).append((key.source, depth))
+  first, shared = {}, {}
+  for path, signature in uses.items():
+    if any(source == () for source, _ in signature):
+      continue
+    kind = (tuple(signature), hessians[path].shape, layers[path])
+    owner = first.setdefault(kind, path)
+    if owner != path:
+      shared[path] = owner
+  return shared
+
+
 def _observed(stats: Stats, sides):
   """Stats after one batch's side values, and per activation (the sides
   with a path key) whether it is finite."""
   owners, layers = dict(stats.observers), dict(stats.hessian_layers)
   states, hessians, finite = dict(stats.states), dict(stats.hessians), []
+  shared = dict(stats.hessian_owners)
   features = dict(stats.features)
   for key, depth, x in sides:
     if isinstance(key, str):
@@ -341,7 +371,7 @@ def _observed(stats: Stats, sides):
     if isinstance(key, FeatureKey):
       features[key.path] = FeatureStats.combine(
           features[key.path], FeatureStats.reduce(x, steps))
-    else:
+    elif key.path not in shared:  # else its owner adds the same x^T x
       hessians[key.path] = hessians[key.path] + jnp.sum(x, axis=steps)
   return dataclasses.replace(stats, states=states, hessians=hessians,
                              features=features,

@@ -85,6 +85,34 @@ def test_a_weight_used_twice_sums_both_hessians():
   assert_gram_close(stats.hessian("w"), expected)
 
 
+def test_weights_reading_the_same_input_share_one_hessian(tmp_path):
+  class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      q, k, v = (nn.Dense(16, name=n)(x) for n in "qkv")
+      a = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2), -1) @ v
+      return nn.Dense(8, name="o")(a) + nn.Dense(8, name="skip")(2 * x)
+
+  model = Attention()
+  xs = batches((2, 5, 8), n=2)
+  params = model.init(jax.random.key(0), xs[0])
+  stats = jq.calibrate(model.apply, params, recipe(jq.int4()), xs,
+                       progress=False)
+  # One accumulator for q, k and v; `skip` reads 2x, `o` the attention.
+  assert sorted(stats.hessians) == ["params/o/kernel", "params/q/kernel",
+                                    "params/skip/kernel"]
+  for name in "qkv":
+    assert_gram_close(stats.hessian(f"params/{name}/kernel"),
+                      sum(gram(x) for x in xs))
+  assert_gram_close(stats.hessian("params/skip/kernel"),
+                    sum(gram(2 * x) for x in xs))
+  jq.save(tmp_path / "stats", stats)
+  like = jq.calibration(model.apply, recipe(jq.int4())).init(params, xs[0])
+  loaded = jq.load(tmp_path / "stats", like=like)
+  np.testing.assert_array_equal(loaded.hessian("params/v/kernel"),
+                                stats.hessian("params/q/kernel"))
+
+
 def test_scan_stacked_layers_get_one_hessian_each():
   model = zoo.ScannedStack()
   x = correlated(jax.random.key(1), (16, 12))

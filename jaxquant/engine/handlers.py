@@ -222,6 +222,13 @@ class ObserveHandler(Handler):
   for rules whose method needs them, the activation's `x^T x` under a
   `HessianKey` and its per-feature statistics under a `FeatureKey`."""
 
+  # id(activation) -> (activation, its number): the sources of Hessians.
+  inputs: dict = dataclasses.field(default_factory=dict)
+
+  def _number(self, x) -> int:
+    # The activation is kept alive here, so its id is not reused.
+    return self.inputs.setdefault(id(x), (x, len(self.inputs)))[1]
+
   def on_matmul(self, eqn, site, rule, invals):
     if rule is not None and rule.weight is not None:
       x = value(invals[site.act_index])
@@ -230,7 +237,8 @@ class ObserveHandler(Handler):
       axes = invals[site.weight_index].axes
       covered = frozenset().union(*axes)
       if HESSIAN in needs:
-        key = hessian.HessianKey(site.path, covered)
+        key = hessian.HessianKey(site.path, covered, hessian.source(
+            self._number(x), site, axes))
         self.emit(key, hessian.gram(x, site, axes, eqn.params))
       if FEATURES in needs:
         key = prescale.FeatureKey(site.path, covered, prescale.feature_axes(

@@ -24,12 +24,16 @@ from jaxquant.transform.site import Site
 
 
 class HessianKey(NamedTuple):
-  """Names a Hessian side value: the weight `path` and the parameter axes
-  the matmul's weight operand covers (the others were sliced off by a
-  `scan`: one Hessian per stacked layer)."""
+  """Names a Hessian side value: the weight `path`, the parameter axes the
+  matmul's weight operand covers (the others were sliced off by a `scan`:
+  one Hessian per stacked layer) and its `source`: which activation of the
+  trace (numbered in order of first use) in which feature order, so that
+  weights whose Hessians are equal (q, k and v reading one input) can share
+  one accumulator."""
 
   path: str
   covered: frozenset
+  source: tuple = ()
 
 
 def feature_order(site: Site, axes, dims) -> tuple[int, ...]:
@@ -77,6 +81,16 @@ def _conv_patches(x, site: Site, params):
       patches.shape[feature + 1:])
   contracted = tuple(range(feature, feature + 1 + len(window)))
   return patches.reshape(split), contracted, tuple(rhs_spec[1:])
+
+
+def source(index: int, site: Site, axes) -> tuple:
+  """A `HessianKey.source`: activation `index`, and its features' order
+  (a dot's contracted activation dims in the weight's feature order); ()
+  for a convolution, whose patches are never shared."""
+  if site.primitive != compat.DOT_GENERAL:
+    return ()
+  order = feature_order(site, axes, site.weight_contract)
+  return (index, tuple(site.act_contract[i] for i in order))
 
 
 def gram(x: jax.Array, site: Site, axes, params) -> jax.Array:
