@@ -49,15 +49,15 @@ def _normalised(s, feature_axes):
                       * jnp.min(s, feature_axes, keepdims=True))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "layout", "grid",
-                                             "path"))
-def _awq_search(w, h, mean, *, spec, layout, grid: int, path: str):
-  """Per layer, the alpha on the grid with the least `tr(D H D^T)`."""
+@functools.partial(jax.jit, static_argnames=("spec", "layout", "grid"))
+def _awq_search(w, h, mean, *, spec, layout, grid: int):
+  """Per layer, the alpha on the grid with the least `tr(D H D^T)` (one
+  compilation per shape and spec, shared by same-shaped layers)."""
   feature_axes = tuple(range(len(layout.stacked), w.ndim))
 
   def error(alpha):
     s = _normalised(mean ** alpha, feature_axes)
-    d = layout.to_problems(_quantized(w, s, spec, path).dequantize() - w)
+    d = layout.to_problems(_quantized(w, s, spec, "awq").dequantize() - w)
     return jnp.einsum("lnk,lkj,lnj->l", d, h, d,
                       precision=jax.lax.Precision.HIGHEST)
 
@@ -82,8 +82,7 @@ def awq_scale(w, spec: QuantSpec, features: FeatureStats, hessian,
                   feature_axes)
   k = int(np.prod([shape[a] for a in layout.contracted], dtype=int))
   h = jnp.asarray(hessian, jnp.float32).reshape(-1, k, k)
-  best = _awq_search(w, h, mean, spec=spec, layout=layout, grid=method.grid,
-                     path=path)
+  best = _awq_search(w, h, mean, spec=spec, layout=layout, grid=method.grid)
   alpha = best.reshape(shape[:stacked] + (1,) * (len(shape) - stacked))
   return _normalised(mean ** alpha, feature_axes)
 
