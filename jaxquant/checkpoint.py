@@ -361,7 +361,10 @@ def load(path: str | os.PathLike, like=None):
   With `like` (a tree of the saved structure, with arrays,
   `ShapeDtypeStruct`s or `QArray`s as leaves), checks every path, shape,
   dtype and `QuantSpec`, and rebuilds custom nodes (Equinox modules, NNX
-  `State`s) as `like` has them. Without it, NamedTuples load as NamedTuples
+  `State`s) as `like` has them, and places every array with the sharding
+  of its counterpart in `like` (a `jax.Array`'s or a `ShapeDtypeStruct`'s,
+  field by field for a `QArray`), so sharded params load sharded. Without
+  it, NamedTuples load as NamedTuples
   of the same name and fields. Arrays load as `jax.Array`s, except 64-bit
   ones while jax runs 32-bit: those stay NumPy arrays rather than lose bits.
 
@@ -707,6 +710,25 @@ def _scale_shape(shape, spec) -> tuple:
 # Building the tree from its description, checking `like` on the way.
 
 
+def _placed(leaf, like):
+  """`leaf` with the sharding of `like` (an array, `ShapeDtypeStruct` or
+  `QArray`, field by field), where `like` has one."""
+  if isinstance(leaf, QArray) and isinstance(like, QArray):
+    fields = {n: _placed(a, b) for (n, a), b in zip(
+        _qarray_fields(leaf).items(), _qarray_fields(like).values())}
+    act = leaf.act and dataclasses.replace(
+        leaf.act, scale=fields["act_scale"],
+        zero_point=fields["act_zero_point"])
+    return dataclasses.replace(
+        leaf, values=fields["values"], scale=fields["scale"],
+        zero_point=fields["zero_point"], in_scale=fields["in_scale"], act=act)
+  sharding = getattr(like, "sharding", None)
+  if leaf is None or not isinstance(sharding, jax.sharding.Sharding) or (
+      not isinstance(leaf, jax.Array)):
+    return leaf
+  return jax.device_put(leaf, sharding)
+
+
 def _build_tree(d, like, leaves: dict, dry: bool):
   """The tree `d` describes; `dry`: checks only, with stub leaves."""
   leaves = dict(leaves)
@@ -724,6 +746,8 @@ def _build(d, like, names, leaves: dict, dry: bool):
     leaf = leaves.pop(_path(names))
     if like is not _ABSENT:
       _check_leaf(leaf, like, names)
+      if not dry:
+        leaf = _placed(leaf, like)
     return leaf
   if kind in ("none", "scalar"):
     value = None if kind == "none" else _get(d, "v", bool, int, float, str)

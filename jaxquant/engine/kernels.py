@@ -283,7 +283,13 @@ class RowStack:
   def stack(self, codes: list):
     if not self.active:
       return codes[0]
-    x = jnp.concatenate(codes, axis=self.axis) if len(codes) > 1 else codes[0]
+    x = codes[0]
+    if len(codes) > 1:
+      # Row r's parts are rows r * parts + i: each shard of a row-sharded
+      # activation keeps its own rows' parts, with no data movement.
+      x = jnp.stack(codes, axis=self.axis + 1)
+      x = x.reshape(x.shape[:self.axis] + (self.parts * self.size,)
+                    + x.shape[self.axis + 2:])
     pad = [(0, 0)] * x.ndim
     pad[self.axis] = (0, self.stacked - x.shape[self.axis])
     return jnp.pad(x, pad)
@@ -292,14 +298,16 @@ class RowStack:
     """The output rows of part 0 plus part i / 254^i, as float32."""
     if not self.active:
       return acc
-    block = lambda i: lax.slice_in_dim(acc, i * self.size,
-                                       (i + 1) * self.size,
-                                       axis=self.out_axis)
-    if self.parts == 1:
-      return block(0)
-    out = block(0).astype(jnp.float32)
-    for i in range(1, self.parts):
-      out = out + block(i).astype(jnp.float32) * jnp.float32(
+    axis, n = self.out_axis, self.parts
+    acc = lax.slice_in_dim(acc, 0, n * self.size, axis=axis)
+    if n == 1:
+      return acc
+    acc = acc.reshape(acc.shape[:axis] + (self.size, n)
+                      + acc.shape[axis + 1:])
+    part = lambda i: lax.index_in_dim(acc, i, axis + 1, keepdims=False)
+    out = part(0).astype(jnp.float32)
+    for i in range(1, n):
+      out = out + part(i).astype(jnp.float32) * jnp.float32(
           _PART_BASE ** -i)
     return out
 
