@@ -7,7 +7,7 @@ statistics), `transform` (the jaxpr interpreter, with JAX internals in
 `checkpoint` (the workflow).
 """
 
-from jaxquant import observers
+from jaxquant import observers, sources
 from jaxquant.analysis import (LayerReport, auto_recipe, layer_report,
                                sensitivity, sqnr_db)
 from jaxquant.api import (Report, fake_quant_apply, quantize_params,
@@ -34,5 +34,5 @@ __all__ = [
     "int8", "int8_ops",
     "layer_report", "load", "nbytes", "nf4", "observers", "quantize",
     "quantize_params", "quantize_tree", "quantized_apply", "report", "save",
-    "sensitivity", "smoothquant", "sqnr_db", "uint8",
+    "sensitivity", "smoothquant", "sources", "sqnr_db", "uint8",
 ]

@@ -13,7 +13,7 @@ and keyword-only options; keyword arguments of the model go through
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ from jaxquant.tree import is_qarray
 
 def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
                     stats=None, key: jax.Array | None = None,
-                    model_kwargs: dict | None = None, progress: bool = True):
+                    model_kwargs: dict | None = None, progress: bool = True,
+                    source: Callable[[str], Any] | None = None):
   """Quantizes every parameter that `apply_fn` multiplies in a matmul.
 
   `apply_fn(params, *args, **model_kwargs)` is traced once, abstractly, to
@@ -65,6 +66,14 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
     key: a PRNG key, needed by rules with `rounding="stochastic"`.
     model_kwargs: keyword arguments of `apply_fn`.
     progress: a progress bar over the weights a method quantizes.
+    source: for a model too big for a float copy: `path -> array`, the
+      float value of each leaf, fetched one leaf at a time. `params` are
+      then abstract (`jax.eval_shape(model.init, ...)`, or
+      `jax.ShapeDtypeStruct`s, with a `sharding` where the leaf is
+      sharded). Each leaf is placed with its sharding, quantized and
+      dropped before the next is fetched, so peak memory is the
+      quantized tree plus about one float leaf
+      (`jaxquant.sources` reads checkpoints leaf by leaf).
 
   Returns:
     `params` with a `QArray` in place of every quantized weight.
@@ -89,6 +98,7 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
   if stats is not None:
     stats.check_model(traced.paths, [np.shape(l) for l in leaves])
   keys = _leaf_keys(specs, traced.paths, key)
+  fetch = _fetcher(source, dict(zip(traced.paths, leaves)))
 
   methods = _methods(recipe, specs, stats)
   contracted = traced.contracted()
@@ -97,6 +107,7 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
              disable=not (progress and methods))
 
   def quantized(path, leaf):
+    leaf = fetch(path)
     if path in methods:
       bar.set_description(f"{methods[path].name} {path}")
       q = _by_method(leaf, specs[path], methods[path], stats,
@@ -104,6 +115,11 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
       bar.update()
     else:
       q = quantize(leaf, specs[path], key=keys.get(path), where=path)
+    if source is not None:
+      # Measured on XLA:CPU: a jit's outputs can keep the buffers of its
+      # whole computation alive (an int4 g128 leaf of 4 MB kept about its
+      # float size); a copy of each field owns only its own bytes.
+      q = jax.tree_util.tree_map(jnp.copy, q)
     act = recipe.match(path).act
     if act is None:
       return q
@@ -124,10 +140,39 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
 
   out = jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(params, is_leaf=is_qarray),
-      [quantized(path, leaf) if path in specs else leaf
+      [quantized(path, leaf) if path in specs else fetch(path)
        for path, leaf in zip(traced.paths, leaves)])
   bar.close()
   return out
+
+
+def _fetcher(source, abstract: dict) -> Callable[[str], Any]:
+  """`path -> leaf`: the given leaf, or `source(path)` placed like the
+  abstract leaf (ValueError naming the path on a mismatch)."""
+  if source is None:
+    for path, leaf in abstract.items():
+      if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise ValueError(f"{path}: params are abstract (ShapeDtypeStruct); "
+                         "pass source=path -> array for their values")
+    return abstract.__getitem__
+
+  def fetch(path):
+    like = abstract[path]
+    value = source(path)
+    if np.shape(value) != tuple(like.shape) or (
+        jnp.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+        != jnp.dtype(like.dtype)):
+      raise ValueError(
+          f"{path}: source gave shape {np.shape(value)} and dtype "
+          f"{getattr(value, 'dtype', type(value).__name__)}, the params say "
+          f"{tuple(like.shape)} {jnp.dtype(like.dtype)}; fix the source or "
+          "the abstract params")
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, jax.sharding.Sharding):
+      return jax.device_put(value, sharding)
+    return jnp.asarray(value)
+
+  return fetch
 
 
 def _methods(recipe: Recipe, specs: dict, stats) -> dict:

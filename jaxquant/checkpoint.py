@@ -412,6 +412,72 @@ def load(path: str | os.PathLike, like=None):
                      f"{e})") from e
 
 
+def leaf_reader(path: str | os.PathLike) -> Callable[[str], Any]:
+  """`leaf path -> leaf` of a checkpoint, each read from disk on demand.
+
+  For `jq.quantize_params(..., source=)` on a model too big for a float
+  copy in memory. The file's checksum is verified first, in one streaming
+  pass (no leaf kept), so a corrupt file raises here, not mid-way; each
+  call then reads just that leaf's bytes. Leaf paths are those of
+  `jax.tree_util` flattening ('/'-joined keys, as in recipes).
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "params.jq")
+    >>> jq.save(path, {"dense": {"kernel": jnp.ones((2, 3))}})
+    >>> read = jq.checkpoint.leaf_reader(path)
+    >>> read("dense/kernel").shape, sorted(read.paths)
+    ((2, 3), ['dense/kernel'])
+  """
+  with open(path, "rb") as f:
+    try:
+      header, data = _open(f)
+      if data.f is not f:  # version 1: one block, no offsets to seek
+        raise ValueError(f"{path}: a version-1 checkpoint; jq.load it and "
+                         "jq.save it again to read it leaf by leaf")
+      _, plans = _parse(header)
+      start = f.tell()
+      while data.left:
+        data.take(min(_CHUNK, data.left))
+      if data.expected is not None and data.digest.digest() != data.expected:
+        raise _Invalid("checksum mismatch")
+    except _Invalid as e:
+      raise ValueError(f"{path}: checkpoint is corrupt ({e})") from e
+  offsets, at = {}, start
+  for leaf_path, plan in plans.items():
+    offsets[leaf_path] = at
+    at += sum(_nbytes(d, s) for _, d, s in plan.arrays)
+  # NNX leaves are saved as '.../kernel/value'; recipes say '.../kernel'.
+  aliases = {p[:-len("/value")]: p for p in plans
+             if p.endswith("/value") and p[:-len("/value")] not in plans}
+  return _LeafReader(os.fspath(path), plans, offsets, aliases)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafReader:
+  file: str
+  plans: dict
+  offsets: dict
+  aliases: dict
+
+  @property
+  def paths(self) -> tuple[str, ...]:
+    return tuple(self.plans)
+
+  def __call__(self, leaf_path: str):
+    leaf_path = self.aliases.get(leaf_path, leaf_path)
+    if leaf_path not in self.plans:
+      raise ValueError(f"{self.file}: no leaf {leaf_path!r}; it holds "
+                       f"{list(self.plans)[:6]}")
+    plan = self.plans[leaf_path]
+    with open(self.file, "rb") as f:
+      f.seek(self.offsets[leaf_path])
+      data = _Data(f, sum(_nbytes(d, s) for _, d, s in plan.arrays),
+                   hashlib.sha256(), None)
+      return plan.make({n: data._array(d, s, leaf_path)
+                        for n, d, s in plan.arrays})
+
+
 class _Invalid(ValueError):
   """A header entry that describes no loadable node or leaf."""
 

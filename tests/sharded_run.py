@@ -98,6 +98,14 @@ def main(keys):
           path = os.path.join(tmp, "q.jq")
           jq.save(path, qp)
           loaded = jq.load(path, like=qp)
+        from_source = jq.quantize_params(
+            model.apply, jq.sources.abstract(sp), recipe, sx,
+            source=jq.sources.tree(jax.device_get(params)), progress=False)
+        out["from_source"] = {
+            k: spec_of(from_source["params"][k]["kernel"].values)
+            for k in ("up", "down")}
+        out["from_source"]["equal"] = bool(jax.tree.all(jax.tree.map(
+            lambda a, b: bool(jnp.all(a == b)), from_source, qp)))
         k = loaded["params"]["up"]["kernel"]
         out["loaded"] = {"values": spec_of(k.values),
                          "scale": spec_of(k.scale),

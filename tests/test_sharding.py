@@ -94,6 +94,10 @@ def check_checkpoints_calibration_and_qat(run):
   assert run["loaded"] == {"values": "P(None, 'model')",
                            "scale": "P(None, 'model')", "equal": True}
   assert run["calibration_equal"]
+  # Abstract params with shardings, values from a host-side source: each
+  # leaf is placed sharded before it is quantized.
+  assert run["from_source"] == {"up": "P(None, 'model')",
+                                "down": "P('model', None)", "equal": True}
   qat = run["qat"]
   assert qat["grad_spec"] == "P(None, 'model')"
   assert qat["max_diff"] <= 1e-5 * qat["scale"]
