@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
@@ -319,6 +320,12 @@ def _method_layout(keys, emitted, shapes):
                        "the scan that stacks it; quantize it without method=")
     cut = lambda a: jax.ShapeDtypeStruct(a.shape[:stacked] + a.shape[d:],
                                          jnp.float32)
+    axes = key.feature_axes if isinstance(key, FeatureKey) else key.axes
+    count = jax.tree_util.tree_leaves(example)[0].shape[-1]
+    if count != math.prod(shapes[key.path][a] for a in axes):
+      raise ValueError(f"{key.path}: a slice of it meets a matmul, so its "
+                       "input statistics do not cover the weight; quantize "
+                       "it without method=")
     if isinstance(key, FeatureKey):
       empty = FeatureStats.empty(FeatureStats(*map(cut, example)))
       same = feature_axes.setdefault(key.path, key.feature_axes) == (

@@ -237,8 +237,10 @@ class ObserveHandler(Handler):
       axes = invals[site.weight_index].axes
       covered = frozenset().union(*axes)
       if HESSIAN in needs:
+        contracted = tuple(sorted(frozenset().union(
+            *(axes[d] for d in site.weight_contract))))
         key = hessian.HessianKey(site.path, covered, hessian.source(
-            self._number(x), site, axes))
+            self._number(x), site, axes), contracted)
         self.emit(key, hessian.gram(x, site, axes, eqn.params))
       if FEATURES in needs:
         key = prescale.FeatureKey(site.path, covered, prescale.feature_axes(

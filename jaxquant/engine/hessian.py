@@ -34,6 +34,8 @@ class HessianKey(NamedTuple):
   path: str
   covered: frozenset
   source: tuple = ()
+  # The parameter axes its features run along (all contracted ones).
+  axes: tuple = ()
 
 
 def feature_order(site: Site, axes, dims) -> tuple[int, ...]:
