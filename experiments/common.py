@@ -371,3 +371,43 @@ class Timer:
     finally:
       self.wall[name] = time.perf_counter() - wall
       self.cpu[name] = _cpu_seconds() - cpu
+
+
+# --------------------------------------------------------------------------
+# Memory, measured in a subprocess of its own
+
+
+def rss_mb() -> float:
+  """This process's resident memory now, MiB (Linux /proc)."""
+  import resource
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident memory so far, MiB (Linux ru_maxrss)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+CHILD = "--child"  # argv of a script's own measurement subprocess
+
+
+def in_child(module: str, **kwargs) -> dict:
+  """Runs `python -m module --child '<kwargs json>'` and returns the JSON
+  its last output line holds: one measurement in a fresh process, so
+  that its peak memory is its own."""
+  import subprocess
+  done = subprocess.run([sys.executable, "-m", module, CHILD,
+                         json.dumps(kwargs)], capture_output=True, text=True,
+                        check=True)
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main_or_child(name, make_parser, run, markdown, figures, child, argv):
+  """`main`, or, for `--child '<json>'`, print `child(**json)` as JSON."""
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == [CHILD]:
+    print(json.dumps(child(**json.loads(argv[1]))))
+    return None
+  return main(name, make_parser, run, markdown, figures, argv)

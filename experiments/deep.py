@@ -20,10 +20,6 @@ chains of 250 and 1000.
 
 from __future__ import annotations
 
-import json
-import resource
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -85,11 +81,6 @@ def transformer_costs(layers: int, d: int) -> dict:
           "compile_ratio": quant_compile / float_compile}
 
 
-def _rss_mb() -> float:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def memory_child(layers: int, d: int) -> dict:
   """Peak resident growth of quantize_params, in this fresh process."""
   model = Transformer(layers, d)
@@ -98,10 +89,10 @@ def memory_child(layers: int, d: int) -> dict:
   jq.quantize_params(small.apply, small.init(jax.random.key(0), x), RECIPE,
                      x, progress=False)  # compile the quantizer first
   params = jax.block_until_ready(model.init(jax.random.key(0), x))
-  base = _rss_mb()
+  base = common.rss_mb()
   qparams = jax.block_until_ready(jq.quantize_params(
       model.apply, params, RECIPE, x, progress=False))
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  peak = common.peak_rss_mb()
   float_mb = sum(a.nbytes for a in jax.tree.leaves(params)) / 2**20
   return {"float_mb": float_mb, "quantized_mb": jq.nbytes(qparams) / 2**20,
           "growth_mb": peak - base, "growth_over_float": (peak - base)
@@ -128,11 +119,8 @@ def run(args) -> dict:
   common.log("transformer: compile and quantize times")
   costs = transformer_costs(size["layers"], size["d"])
   common.log("transformer: memory (subprocess)")
-  done = subprocess.run(
-      [sys.executable, "-m", "experiments.deep", "--memory",
-       json.dumps({"layers": size["layers"], "d": size["d"]})],
-      capture_output=True, text=True, check=True)
-  memory = json.loads(done.stdout.strip().splitlines()[-1])
+  memory = common.in_child("experiments.deep", layers=size["layers"],
+                           d=size["d"])
   chains = [chain_seconds(n) for n in common.progress(size["chains"],
                                                       desc="chains")]
   return {"config": dict(size, quick=args.quick), "transformer": costs,
@@ -166,16 +154,13 @@ def markdown(report) -> str:
 
 def parser():
   p = common.parser(__doc__, NAME, quick="4 blocks of d = 256")
-  p.add_argument("--memory", default=None, help="internal: one measurement")
+  p.add_argument(common.CHILD, default=None, help="internal: one measurement")
   return p
 
 
 def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  if argv[:1] == ["--memory"]:
-    print(json.dumps(memory_child(**json.loads(argv[1]))))
-    return None
-  return common.main(NAME, parser, run, markdown, lambda report: {}, argv)
+  return common.main_or_child(NAME, parser, run, markdown,
+                              lambda report: {}, memory_child, argv)
 
 
 if __name__ == "__main__":

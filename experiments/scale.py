@@ -21,10 +21,6 @@ parameters (6.0 GB in float32), int8 per-channel weights and int4 g128.
 
 from __future__ import annotations
 
-import json
-import resource
-import subprocess
-import sys
 import time
 import zlib
 
@@ -68,11 +64,6 @@ def generated(abstract) -> callable:
   return source
 
 
-def _rss_mb() -> float:
-  with open("/proc/self/statm") as f:
-    pages = int(f.read().split()[1])
-  return pages * resource.getpagesize() / 2**20
-
 
 def child(d: int, layers: int, recipe_name: str) -> dict:
   """One measurement, in this (fresh) process."""
@@ -87,13 +78,13 @@ def child(d: int, layers: int, recipe_name: str) -> dict:
   small_abstract = jax.eval_shape(small.init, jax.random.key(0), x)
   jq.quantize_params(small.apply, small_abstract, recipe, x,
                      source=generated(small_abstract), progress=False)
-  base = _rss_mb()
+  base = common.rss_mb()
   start = time.perf_counter()
   qparams = jq.quantize_params(model.apply, abstract, recipe, x,
                                source=source, progress=False)
   jax.block_until_ready(qparams)
   seconds = time.perf_counter() - start
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  peak = common.peak_rss_mb()
   leaves = [a for _, a in jq.tree.leaves_with_paths(abstract)]
   n_params = sum(int(np.prod(a.shape)) for a in leaves)
   largest = max(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
@@ -107,11 +98,7 @@ def run(args) -> dict:
   size = SIZES[args.quick]
   rows = []
   for name in common.progress(RECIPES, desc="variants"):
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.scale", "--child",
-         json.dumps(dict(size, recipe_name=name))],
-        capture_output=True, text=True, check=True)
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = common.in_child("experiments.scale", **size, recipe_name=name)
     bound = r["quantized_mb"] + r["largest_leaf_mb"]
     rows.append({"weights": name, **r, "bound_mb": bound,
                  "growth_over_bound": r["growth_mb"] / bound})
@@ -135,16 +122,13 @@ def markdown(report) -> str:
 
 def parser():
   p = common.parser(__doc__, NAME, quick="d = 1024, 6 blocks")
-  p.add_argument("--child", default=None, help="internal: one measurement")
+  p.add_argument(common.CHILD, default=None, help="internal: one measurement")
   return p
 
 
 def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  if argv[:1] == ["--child"]:
-    print(json.dumps(child(**json.loads(argv[1]))))
-    return None
-  return common.main(NAME, parser, run, markdown, lambda report: {}, argv)
+  return common.main_or_child(NAME, parser, run, markdown,
+                              lambda report: {}, child, argv)
 
 
 if __name__ == "__main__":
