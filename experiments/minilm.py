@@ -1,5 +1,6 @@
 """all-MiniLM-L6-v2 sentence embeddings: float against W8A8, W4A16, W8A16,
-fp8 W8A8, nf4 W4A16, and round-to-nearest against GPTQ at 4 and 3 bits.
+fp8 W8A8, nf4 W4A16; round-to-nearest against GPTQ and AWQ at 4 and 3 bits,
+and against SmoothQuant for W8A8 with static activation scales.
 
   python -m experiments.minilm [--quick] [--out DIR] [--seed S] [--rounds N]
                                [--repeats N]
@@ -22,18 +23,27 @@ always run in float):
           nf4 codebook weights (QLoRA's normal-float 4-bit), one absmax
           scale per group of 32 (as W4A16) or 64 (QLoRA's default) inputs;
           dequantized, float matmul
-  W4A16 (g32) GPTQ, W4A16 (g128), W4A16 (g128) GPTQ, W3A16 (g32),
-  W3A16 (g32) GPTQ
+  W4A16 (g32) GPTQ / AWQ, W4A16 (g128) [GPTQ / AWQ], W3A16 (g32)
+  [GPTQ / AWQ]
           int4 / int3 weights in groups of 32 or 128 inputs (128 divides 384
           and 1536 too), rounded to nearest (RTN; "W4A16" is the g32 RTN
-          twin of "W4A16 (g32) GPTQ") or by GPTQ (`jq.gptq()` defaults:
-          block 128, damp 0.01, act_order; fixed before any evaluation).
-          GPTQ calibrates on CALIBRATION_SENTENCES held-out Lee sentences
-          (`calibration_sentences`: none of them is evaluated), each cut to
-          its first CALIBRATION_LENGTH tokens so that no padding enters the
-          Hessians; `jq.calibrate` + `jq.quantize_params` are timed (first
-          call, wall and CPU seconds). --quick runs only W4A16 (g32) GPTQ of
-          these five (its RTN twin W4A16 always runs).
+          twin), by GPTQ (`jq.gptq()` defaults: block 128, damp 0.01,
+          act_order) or by AWQ (`jq.awq()` defaults: 20 alphas searched per
+          layer on the calibration Hessian); float activations
+  W8A8 static [SmoothQuant 0.5 / 0.8]
+          int8 per-channel weights, int8 activations with one static scale
+          per tensor from calibration, rounded to nearest or smoothed first
+          by `jq.smoothquant(alpha)` (alpha 0.5, the paper's default, and
+          0.8); int8 x int8 -> int32 matmuls
+
+  Method settings are fixed before any evaluation. Every calibrated
+  variant (`calibrated`) calibrates on CALIBRATION_SENTENCES held-out Lee
+  sentences (`calibration_sentences`: none of them is evaluated), each cut
+  to its first CALIBRATION_LENGTH tokens so that no padding enters the
+  statistics; its `jq.calibrate` + `jq.quantize_params` are timed (first
+  call, wall and CPU seconds). --quick runs W4A16 (g32) GPTQ and AWQ (their
+  twin W4A16 always runs), W8A8 static and its SmoothQuant 0.8 of these
+  (QUICK_KEEP).
 
 Metrics:
   - Spearman rank correlation between the cosine similarity of the two
@@ -41,29 +51,32 @@ Metrics:
     (gensim's test data), and its difference to float; plus its spread
     over --repeats re-runs with 1e-5 relative noise on the word embeddings,
     which leaves float unchanged but re-draws the activation rounding of
-    W8A8 and fp8 W8A8 (see `spearman_noise_floor`): the noise floor of
-    that difference;
+    the variants that quantize activations (see `spearman_noise_floor`):
+    the noise floor of that difference;
   - cosine similarity of each sentence's embedding to the float embedding,
     over sentences of gensim's Lee news corpus (mean and min);
   - embeddings per second on this machine's CPU: one fixed batch of Lee
     sentences, variants interleaved in rounds (`common.time_rounds`: a
     fresh random order per round), each timed as the median of a few
-    calls; the speed-up is the median over rounds of float time / variant time in the same round. CPU speed and
-    XLA's int8 kernels vary between machines: compare ratios, not absolutes;
+    calls; the speed-up is the median over rounds of float time / variant
+    time in the same round. CPU speed and XLA's int8 kernels vary between
+    machines: compare ratios, not absolutes;
   - parameter bytes (`jq.nbytes`, all parameters, and the Dense kernels
     alone) and `jq.report`'s count of matmuls that ran int8 / fp8 /
     weight-only / float;
   - quantization wall seconds (`jq.calibrate` + `jq.quantize_params`, first
-    call, compilation included) and, in the full run, GPTQ's per-matmul
-    output SQNR gain over RTN (`jq.layer_report(...).gain_over_rtn`, on 32
-    evaluated sentences cut to CALIBRATION_LENGTH tokens: no padding).
+    call, compilation included) and, in the full run, each method's
+    per-matmul output SQNR gain over RTN (`jq.layer_report(...)
+    .gain_over_rtn`, on 32 evaluated sentences cut to CALIBRATION_LENGTH
+    tokens: no padding).
 
 Writes results.md, results.json and minilm.png to results/minilm/ (or
 --out) and prints the table. The full run uses all 353 + 999 pairs, 512
-sentences, 7 timing rounds and 8 noise-floor repeats (about 14 min on 2
-shared cores); --quick (CI, about 1.5 min there) 60 pairs per word set, 32
-sentences, one timing round and no repeats. --seed (default 0) seeds the
-noise-floor perturbations and the timing order.
+sentences, 7 timing rounds of 5 calls and 8 noise-floor repeats (36 min
+on 2 cores shared with other jobs, load average about 8); --quick (CI,
+about 2 min there) 60 pairs per word set, 32 sentences, one timing round
+of one call and no repeats. --seed (default 0) seeds the noise-floor
+perturbations and the timing order.
 """
 
 from __future__ import annotations
@@ -97,37 +110,58 @@ RECIPES = {
     f"nf4 W4A16 g{NF4_GROUP_SIZE}": jq.Recipe([jq.Rule(
         r".*kernel", weight=jq.nf4(group_size=NF4_GROUP_SIZE))]),
 }
-GPTQ_GROUP_SIZE = 128  # the GPTQ paper's group size; divides 384 and 1536
-# RTN vs GPTQ: GPTQ variant -> its RTN twin (same spec, same bytes).
-GPTQ_TWINS = {
-    f"W4A16 (g{GROUP_SIZE}) GPTQ": "W4A16",
-    f"W4A16 (g{GPTQ_GROUP_SIZE}) GPTQ": f"W4A16 (g{GPTQ_GROUP_SIZE})",
-    f"W3A16 (g{GROUP_SIZE}) GPTQ": f"W3A16 (g{GROUP_SIZE})",
-}
-for _name, _spec in ((f"W4A16 (g{GROUP_SIZE}) GPTQ",
-                      jq.int4(group_size=GROUP_SIZE)),
-                     (f"W4A16 (g{GPTQ_GROUP_SIZE})",
-                      jq.int4(group_size=GPTQ_GROUP_SIZE)),
-                     (f"W4A16 (g{GPTQ_GROUP_SIZE}) GPTQ",
-                      jq.int4(group_size=GPTQ_GROUP_SIZE)),
-                     (f"W3A16 (g{GROUP_SIZE})", jq.int3(group_size=GROUP_SIZE)),
-                     (f"W3A16 (g{GROUP_SIZE}) GPTQ",
-                      jq.int3(group_size=GROUP_SIZE))):
-  # Default GPTQ settings (block 128, damp 0.01, act_order), chosen before
-  # looking at any evaluation number.
+WIDE_GROUP_SIZE = 128  # the GPTQ and AWQ papers' group size; divides both
+# Calibrated weight rounding against round-to-nearest (RTN), weight-only:
+# (RTN twin, label, spec); each method's variant is f"{label} {method}".
+LOW_BIT = (("W4A16", f"W4A16 (g{GROUP_SIZE})", jq.int4(group_size=GROUP_SIZE)),
+           (f"W4A16 (g{WIDE_GROUP_SIZE})", f"W4A16 (g{WIDE_GROUP_SIZE})",
+            jq.int4(group_size=WIDE_GROUP_SIZE)),
+           (f"W3A16 (g{GROUP_SIZE})", f"W3A16 (g{GROUP_SIZE})",
+            jq.int3(group_size=GROUP_SIZE)))
+# Default settings of each, fixed before looking at any evaluation number:
+# GPTQ block 128, damp 0.01, act_order; AWQ 20 alphas searched per layer on
+# the calibration Hessian.
+WEIGHT_METHODS = {"GPTQ": jq.gptq(), "AWQ": jq.awq()}
+# W8A8 with one static activation scale per tensor (calibrated: what
+# SmoothQuant is for), rounded to nearest or smoothed first. Both alphas
+# fixed before any evaluation: 0.5 (the paper's default) and 0.8 (the paper
+# suggests a larger alpha, such as 0.75, where activation outliers are
+# stronger).
+STATIC_W8A8 = "W8A8 static"
+SMOOTHQUANT = {"SmoothQuant 0.5": jq.smoothquant(0.5),
+               "SmoothQuant 0.8": jq.smoothquant(0.8)}
+# Method variant -> its RTN twin (same spec, same execution; GPTQ's bytes
+# too, AWQ and SmoothQuant add a float32 pre-scale per input feature), and
+# -> its method.
+METHOD_TWINS, METHODS = {}, {}
+for _rtn, _label, _spec in LOW_BIT:
+  if _rtn not in RECIPES:
+    RECIPES[_rtn] = jq.Recipe([jq.Rule(r".*kernel", weight=_spec)])
+  for _method, _how in WEIGHT_METHODS.items():
+    _name = f"{_label} {_method}"
+    RECIPES[_name] = jq.Recipe([jq.Rule(r".*kernel", weight=_spec,
+                                        method=_how)])
+    METHOD_TWINS[_name], METHODS[_name] = _rtn, _how
+RECIPES[STATIC_W8A8] = jq.Recipe([jq.Rule(
+    r".*kernel", weight=jq.int8(), act=jq.int8(granularity="tensor"))])
+for _method, _how in SMOOTHQUANT.items():
+  _name = f"{STATIC_W8A8} {_method}"
   RECIPES[_name] = jq.Recipe([jq.Rule(
-      r".*kernel", weight=_spec,
-      method=jq.gptq() if _name in GPTQ_TWINS else None)])
-# --quick runs one GPTQ variant (its RTN twin, W4A16, is an original one).
-QUICK_SKIP = tuple(n for n in list(RECIPES)[-5:]
-                   if n != f"W4A16 (g{GROUP_SIZE}) GPTQ")
-CALIBRATION_SENTENCES = 128  # GPTQ calibration: held-out Lee sentences
+      r".*kernel", weight=jq.int8(), act=jq.int8(granularity="tensor"),
+      method=_how)])
+  METHOD_TWINS[_name], METHODS[_name] = STATIC_W8A8, _how
+# --quick runs one variant of each method beside its RTN twin (SmoothQuant
+# 0.8: on MiniLM 0.5 loses to RTN, see results/minilm).
+# AWQ is left out of --quick for CI's time (tests/test_awq.py and MNIST's
+# quick run cover it).
+QUICK_KEEP = ("W4A16", f"W4A16 (g{GROUP_SIZE}) GPTQ", STATIC_W8A8,
+              f"{STATIC_W8A8} SmoothQuant 0.8")
+QUICK_SKIP = tuple(n for n in RECIPES if n not in QUICK_KEEP and (
+    n in METHOD_TWINS or n in METHOD_TWINS.values()))
+CALIBRATION_SENTENCES = 128  # calibration: held-out Lee sentences
 CALIBRATION_LENGTH = 32  # tokens each (the first 32: no padding in H)
 CALIBRATION_BATCH = 32
 EVAL_SENTENCES = {True: 32, False: 512}  # --quick, full
-# Variants with dynamic activation quantization: their Spearman moves when
-# the inputs move by 1e-5 (see `spearman_noise_floor`).
-NOISE_FLOOR_VARIANTS = ("float", "W8A8", "fp8 W8A8")
 MATMUL_MODES = ("int8", "fp8", "weight-only", "float")
 WORD_SETS = ("wordsim353", "simlex999")
 MAX_LENGTH = 128
@@ -165,7 +199,7 @@ def token_counts(tokenizer, texts) -> list[int]:
 
 def calibration_sentences(tokenizer, count: int = CALIBRATION_SENTENCES,
                           length: int = CALIBRATION_LENGTH) -> list[str]:
-  """`count` Lee sentences for GPTQ's calibration, none of them evaluated.
+  """`count` Lee sentences for calibration, none of them evaluated.
 
   The pool: the corpus's distinct sentences that are not among the
   sentences either run size evaluates (`lee_sentences` of EVAL_SENTENCES;
@@ -190,8 +224,9 @@ def calibration_batches(tokenizer, texts, length: int = CALIBRATION_LENGTH,
                         batch_size: int = CALIBRATION_BATCH):
   """(input_ids, attention_mask, token_type_ids) batches of `texts` cut to
   their first `length` tokens ([CLS] ... [SEP]): every row is full, so the
-  Hessians `jq.calibrate` sums hold no padding positions (and all batches
-  have the one shape `jq.calibrate` requires)."""
+  statistics `jq.calibrate` gathers (activation ranges, per-feature |x|,
+  Hessians) hold no padding positions (and all batches have the one shape
+  `jq.calibrate` requires)."""
   tokenizer.enable_truncation(max_length=length)
   encodings = tokenizer.encode_batch(list(texts))
   if any(len(e.ids) != length for e in encodings):
@@ -249,36 +284,49 @@ EXAMPLE = (jnp.ones((1, 16), jnp.int32),) * 2 + (jnp.zeros((1, 16),
                                                            jnp.int32),)
 
 
-def uses_method(recipe) -> bool:
-  return recipe is not None and any(r.method is not None
-                                    for r in recipe.rules)
+def method_name(recipe) -> str | None:
+  """"gptq" / "awq" / "smoothquant", "rtn" (rounded to nearest), None for
+  the float model."""
+  if recipe is None:
+    return None
+  methods = {r.method.name for r in recipe.rules if r.method is not None}
+  return methods.pop() if methods else "rtn"
+
+
+def calibrated(recipe) -> bool:
+  """Whether the variant needs `jq.calibrate`: a method (its statistics) or
+  per-tensor activation scales (static here: calibrated ranges)."""
+  return recipe is not None and any(
+      r.method is not None
+      or (r.act is not None and r.act.granularity == "tensor")
+      for r in recipe.rules)
 
 
 def build_variants(module, variables, names, calibration=None):
-  """(name -> (jitted apply, params, report or None), name -> seconds).
+  """(name -> (jitted apply, params, report or None), name -> seconds,
+  name -> calibration stats).
 
   seconds: {"calibrate", "quantize", "total"} wall seconds and
-  "total_cpu" process CPU seconds of `jq.calibrate` (variants whose rule
-  has a method, on the `calibration` batches; 0 for the others) and
+  "total_cpu" process CPU seconds of `jq.calibrate` (`calibrated` variants,
+  on the `calibration` batches; 0 for the others) and
   `jq.quantize_params`, each variant on its own from float params, first
   call (tracing and compilation included): what a user waits.
   """
-  variants, seconds = {}, {}
+  variants, seconds, stats = {}, {}, {}
   for name in common.progress(names, desc="quantizing"):
     recipe = RECIPES[name]
     if recipe is None:
       variants[name] = (jax.jit(module.apply), variables, None)
       continue
-    timer, stats = common.Timer(), None
+    timer = common.Timer()
     with timer("total"):
-      if uses_method(recipe):
+      if calibrated(recipe):
         with timer("calibrate"):
-          stats = jq.calibrate(module.apply, variables, recipe, calibration,
-                               progress=False)
-          jax.block_until_ready(stats)
+          stats[name] = jax.block_until_ready(jq.calibrate(
+              module.apply, variables, recipe, calibration, progress=False))
       with timer("quantize"):
         qparams = jax.block_until_ready(jq.quantize_params(
-            module.apply, variables, recipe, *EXAMPLE, stats=stats,
+            module.apply, variables, recipe, *EXAMPLE, stats=stats.get(name),
             progress=False))
     seconds[name] = {"calibrate": timer.wall.get("calibrate", 0.0),
                      "quantize": timer.wall["quantize"],
@@ -287,20 +335,17 @@ def build_variants(module, variables, names, calibration=None):
     rep = jq.report(module.apply, qparams, recipe, *EXAMPLE)
     variants[name] = (jax.jit(jq.quantized_apply(module.apply, recipe)),
                       qparams, rep)
-  return variants, seconds
+  return variants, seconds, stats
 
 
-def gptq_layer_gains(module, variables, names, calibration, batch) -> dict:
-  """GPTQ variant -> per-matmul output SQNR gain over RTN (dB, path ->
-  gain), from `jq.layer_report` on `batch` (re-runs calibration and GPTQ;
-  full run only)."""
+def method_layer_gains(module, variables, names, stats, batch) -> dict:
+  """Method variant -> per-matmul output SQNR gain over its RTN twin (dB,
+  path -> gain), from `jq.layer_report` on `batch` with the variant's
+  calibration `stats` (re-runs the method; full run only)."""
   gains = {}
   for name in common.progress(names, desc="layer reports"):
-    recipe = RECIPES[name]
-    stats = jq.calibrate(module.apply, variables, recipe, calibration,
-                         progress=False)
-    rep = jq.layer_report(module.apply, variables, recipe, *batch,
-                          stats=stats)
+    rep = jq.layer_report(module.apply, variables, RECIPES[name], *batch,
+                          stats=stats[name])
     gains[name] = {r.path: r.gain_over_rtn for r in rep.rows}
   return gains
 
@@ -348,18 +393,26 @@ def with_perturbed_embeddings(params, eps: float, seed: int):
       "embedding": table * (1 + eps * noise)}}}
 
 
+def noise_floor_variants(names) -> list[str]:
+  """float and the variants that quantize activations: their Spearman moves
+  when the inputs move by 1e-5 (see `spearman_noise_floor`)."""
+  return [n for n in names if RECIPES[n] is None
+          or any(r.act is not None for r in RECIPES[n].rules)]
+
+
 def spearman_noise_floor(variants, names, words, word_batches, pairs,
                          repeats: int, eps: float = JITTER_EPS,
                          seed: int = 0) -> dict:
   """Spearman rho per word set after `repeats` tiny input perturbations.
 
-  Dynamic activation quantization is chaotic: a 1e-7 relative change of
-  one activation (e.g. XLA summing a row differently in another batch
-  shape) can move a value across a rounding boundary, and that one step
-  changes every later rounding decision. The float model does not move
-  (embedding cosine > 0.9999999), W8A8 word embeddings move by up to
-  1 - cos ~ 0.01. The spread of rho over perturbations is the noise floor
-  of the 'd vs float' columns.
+  Activation quantization is chaotic: a 1e-7 relative change of one
+  activation (e.g. XLA summing a row differently in another batch shape)
+  can move a value across a rounding boundary, and that one step changes
+  later rounding decisions (with dynamic scales, every value sharing the
+  scale may move). The float model does not move (embedding cosine >
+  0.9999999), W8A8 word embeddings move by up to 1 - cos ~ 0.01. The
+  spread of rho over perturbations is the noise floor of the 'd vs float'
+  columns.
   """
   out = {name: {s: [] for s in WORD_SETS} for name in names}
   for key in common.progress(range(seed, seed + repeats),
@@ -381,7 +434,7 @@ def run(args) -> dict:
   rounds = args.rounds or (1 if args.quick else 7)
   repeats = args.repeats if args.repeats is not None else (
       0 if args.quick else 8)
-  calls = 2 if args.quick else 5
+  calls = 1 if args.quick else 5  # quick: a smoke test of the timing
   timer = common.Timer()
   with timer("run"):
     results, setup = evaluate(args.quick, rounds, calls, repeats, args.seed)
@@ -408,9 +461,8 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
   speed_batch = sentence_batches[0]
 
   names = [n for n in RECIPES if not (quick and n in QUICK_SKIP)]
-  variants, quant_seconds = build_variants(module, variables, names,
-                                           calibration)
-  gptq_names = [n for n in names if uses_method(RECIPES[n])]
+  variants, quant_seconds, stats = build_variants(module, variables, names,
+                                                  calibration)
   gains, layer_batch = {}, None
   if not quick:
     # Per-layer SQNR on evaluated sentences, but unpadded: the pad
@@ -420,8 +472,9 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
     layer_batch = calibration_batches(tokenizer, [
         s for s, n in zip(sentences, token_counts(tokenizer, sentences))
         if n >= CALIBRATION_LENGTH][:CALIBRATION_BATCH])[0]
-    gains = gptq_layer_gains(module, variables, gptq_names, calibration,
-                             layer_batch)
+    gains = method_layer_gains(module, variables,
+                               [n for n in names if n in METHOD_TWINS],
+                               stats, layer_batch)
   total_matmuls = len(variants["W8A8"][2].ops)
   word_emb, sent_emb = {}, {}
   for name in common.progress(variants, desc="variants"):
@@ -432,7 +485,7 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
 
   seconds = timing(variants, speed_batch, rounds, calls, seed)
   load = os.getloadavg()[0]
-  floor = spearman_noise_floor(variants, NOISE_FLOOR_VARIANTS, words,
+  floor = spearman_noise_floor(variants, noise_floor_variants(names), words,
                                word_batches, pairs, repeats, seed=seed)
   n_batch = speed_batch[0].shape[0]
 
@@ -456,9 +509,8 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
         "matmuls": matmul_counts(rep, total_matmuls),
         "report": None if rep is None else str(rep),
         "quantize_seconds": quant_seconds.get(name),
-        "method": "gptq" if uses_method(RECIPES[name]) else (
-            None if rep is None else "rtn"),
-        "rtn_twin": GPTQ_TWINS.get(name),
+        "method": method_name(RECIPES[name]),
+        "rtn_twin": METHOD_TWINS.get(name),
     }
     if name in gains:
       g = list(gains[name].values())
@@ -479,17 +531,19 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
       "speed_batch_shape": list(speed_batch[0].shape),
       "w4_group_size": GROUP_SIZE, "nf4_group_sizes": [GROUP_SIZE,
                                                          NF4_GROUP_SIZE],
-      "gptq": {"method": repr(jq.gptq()), "twins": GPTQ_TWINS,
-               "calibration_sentences": len(calib_sentences),
-               "calibration_tokens_each": CALIBRATION_LENGTH,
-               "calibration_batches": len(calibration),
-               "calibration_source": "gensim Lee background corpus, "
-               "sentences not evaluated, >= "
-               f"{CALIBRATION_LENGTH} tokens, cut to {CALIBRATION_LENGTH}",
-               "layer_gain_batch": (
-                   f"the first {layer_batch[0].shape[0]} evaluated "
-                   f"sentences of >= {CALIBRATION_LENGTH} tokens, cut to "
-                   f"{CALIBRATION_LENGTH} (no padding)" if gains else None)},
+      "methods": {name: repr(METHODS[name]) for name in names
+                  if name in METHODS},
+      "rtn_twins": {n: t for n, t in METHOD_TWINS.items() if n in names},
+      "calibration": {"sentences": len(calib_sentences),
+                      "tokens_each": CALIBRATION_LENGTH,
+                      "batches": len(calibration),
+                      "source": "gensim Lee background corpus, sentences "
+                      f"not evaluated, >= {CALIBRATION_LENGTH} tokens, cut "
+                      f"to {CALIBRATION_LENGTH}"},
+      "layer_gain_batch": (
+          f"the first {layer_batch[0].shape[0]} evaluated sentences of >= "
+          f"{CALIBRATION_LENGTH} tokens, cut to {CALIBRATION_LENGTH} (no "
+          "padding)" if gains else None),
       "noise_floor_repeats": repeats, "noise_floor_eps": JITTER_EPS,
       "cpu": platform.processor() or platform.machine(),
       "cpu_count": os.cpu_count(), "jax": jax.__version__,
@@ -523,37 +577,64 @@ def table_rows(results) -> list[dict]:
   return rows
 
 
-def gptq_text(results, setup) -> str:
-  """RTN vs GPTQ: calibration, 1 - mean cos per spec, wall time."""
-  pairs = [(g, t) for g, t in GPTQ_TWINS.items() if g in results]
-  if not pairs:
+def method_groups(results) -> dict[str, list[str]]:
+  """RTN twin -> its method variants that ran, in table order."""
+  groups = {}
+  for name, twin in METHOD_TWINS.items():
+    if name in results:
+      groups.setdefault(twin, []).append(name)
+  return groups
+
+
+def method_rows(results) -> list[dict]:
+  """One row per RTN twin and per method variant beside it."""
+  rows = []
+  for twin, names in method_groups(results).items():
+    base = 1 - results[twin]["cosine_mean"]
+    for name in (twin, *names):
+      r, err = results[name], 1 - results[name]["cosine_mean"]
+      s, gain = r["quantize_seconds"], r.get("layer_gain_summary_db")
+      rows.append({
+          "variant": name, "method": r["method"],
+          "1 - mean cos": f"{err:.4f}", "x RTN": f"{err / base:.2f}x",
+          "WordSim353 rho": f"{r['spearman']['wordsim353']:.4f}",
+          "SimLex-999 rho": f"{r['spearman']['simlex999']:.4f}",
+          "calibrate s": f"{s['calibrate']:.1f}",
+          "quantize_params s": f"{s['quantize']:.1f}",
+          "total s (CPU s)": f"{s['total']:.1f} ({s['total_cpu']:.0f})",
+          "layer gain over RTN dB, median (min, max)": (
+              "-" if gain is None else f"{gain['median']:+.1f} "
+              f"({gain['min']:+.1f}, {gain['max']:+.1f})")})
+  return rows
+
+
+def methods_text(results, setup) -> str:
+  """RTN vs GPTQ vs AWQ, RTN vs SmoothQuant: settings, calibration, table."""
+  if not method_groups(results):
     return ""
-  info = setup["gptq"]
-  lines = [
-      f"\nRTN vs GPTQ (`{info['method']}`, the defaults, fixed before any "
-      f"evaluation): GPTQ calibrates on {info['calibration_sentences']} "
-      "held-out Lee corpus sentences (none of the evaluated sentences; "
-      f"at least {info['calibration_tokens_each']} tokens each, cut to their "
-      f"first {info['calibration_tokens_each']} so no padding enters the "
-      f"Hessians; {info['calibration_batches']} batches). quantize s: wall "
-      "seconds of `jq.calibrate` + `jq.quantize_params` for the variant, "
-      "first call, compilation included, on a shared machine (RTN rows: "
-      "`jq.quantize_params` alone). 1 - mean cos to float:"]
-  for g, t in pairs:
-    rg, rt = results[g], results[t]
-    eg, et = 1 - rg["cosine_mean"], 1 - rt["cosine_mean"]
-    s = rg["quantize_seconds"]
-    gain = rg.get("layer_gain_summary_db")
-    lines.append(
-        f"- {t} RTN {et:.4f} -> {g} {eg:.4f} ({eg / et:.2f}x RTN's); GPTQ "
-        f"took {s['total']:.1f} s wall ({s['calibrate']:.1f} s calibrate + "
-        f"{s['quantize']:.1f} s quantize_params; {s['total_cpu']:.0f} CPU-s)"
-        + ("" if gain is None else
-           f"; per-matmul output SQNR gain over RTN median "
-           f"{gain['median']:+.1f} dB (min {gain['min']:+.1f}, max "
-           f"{gain['max']:+.1f}) on {info['layer_gain_batch']}")
-        + ".")
-  return "\n".join(lines) + "\n"
+  info = setup["calibration"]
+  methods = ", ".join(f"`{how}`"
+                      for how in dict.fromkeys(setup["methods"].values()))
+  return (
+      "\nCalibrated methods against round-to-nearest (RTN) of the same spec "
+      "and execution: " + methods + " (settings fixed before any "
+      "evaluation; AWQ and SmoothQuant store one float32 pre-scale per "
+      "input feature more, which the engine divides the activation by). "
+      "'W8A8 static': int8 "
+      "per-channel weights, int8 activations with one static scale per "
+      "tensor (calibrated min/max; SmoothQuant's range is that of x / s). "
+      f"All calibrate on {info['sentences']} held-out Lee corpus sentences "
+      "(none of the evaluated sentences; at least "
+      f"{info['tokens_each']} tokens each, cut to their first "
+      f"{info['tokens_each']} so no padding enters the statistics; "
+      f"{info['batches']} batches). Seconds: wall time of `jq.calibrate` + "
+      "`jq.quantize_params` for the variant, first call, compilation "
+      "included, on a shared machine (weight-only RTN rows: "
+      "`jq.quantize_params` alone). Layer gain: per-matmul output SQNR gain "
+      "over RTN (`jq.layer_report(...).gain_over_rtn`)"
+      + (f" on {setup['layer_gain_batch']}" if setup["layer_gain_batch"]
+         else ", full run only")
+      + ".\n\n" + common.format_table(method_rows(results)))
 
 
 def speed_spread(results) -> str:
@@ -570,7 +651,8 @@ def noise_floor_text(results, repeats: int) -> str:
   lines = [f"\nSpearman noise floor: {repeats} re-runs with the word "
            f"embeddings scaled by (1 + {JITTER_EPS:g} N(0, 1)) (float "
            "embeddings move by 1 - cos < 1e-6; the activation roundings of "
-           "W8A8 and fp8 W8A8 flip and cascade). rho min..max (std):"]
+           "the variants that quantize activations flip and cascade). rho "
+           "min..max (std):"]
   for name, r in results.items():
     rhos = r.get("spearman_perturbed")
     if rhos:
@@ -584,26 +666,29 @@ def plot(results, path) -> None:
   import matplotlib.pyplot as plt
 
   names = list(results)
-  fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+  fig, axes = plt.subplots(1, 3, figsize=(20, 5.5))
   x = np.arange(len(names))
   for i, s in enumerate(WORD_SETS):
     axes[0].bar(x + (i - 0.5) * 0.4, [results[n]["spearman"][s] for n in names],
                 0.4, label=s)
-  axes[0].set_xticks(x, names, rotation=30, ha="right")
+  axes[0].set_xticks(x, names, rotation=50, ha="right", fontsize=8)
   axes[0].set_ylabel("Spearman rho (cosine vs human)")
   axes[0].set_title("Word similarity")
   axes[0].set_ylim(0, 1)  # room for the legend above the bars
   axes[0].legend(loc="upper right")
   # 1 - cos on a log axis: the 8-bit variants (~1e-3) and the 3-bit ones
-  # (~1e-1) both stay readable. GPTQ dashed, in its RTN twin's colour.
+  # (~1e-1) both stay readable. Methods in their RTN twin's colour, dashed
+  # (the first method beside it: GPTQ, SmoothQuant 0.5) or dotted.
   err = {n: np.maximum(1 - np.asarray(results[n]["cosine_to_float"]), 1e-6)
          for n in names[1:]}
   bins = np.logspace(np.log10(min(e.min() for e in err.values())),
                      np.log10(max(e.max() for e in err.values())), 50)
   colour, top = {}, 0
+  styles = {n: ("--", ":", "-.")[i] for group in method_groups(results).values()
+            for i, n in enumerate(group)}
   for n in names[1:]:
-    twin = GPTQ_TWINS.get(n)
-    kw = ({"color": colour[twin], "ls": "--"} if twin in colour else {})
+    twin = METHOD_TWINS.get(n)
+    kw = ({"color": colour[twin], "ls": styles[n]} if twin in colour else {})
     counts, _, patches = axes[1].hist(err[n], bins=bins, histtype="step",
                                       lw=1.5, label=n, **kw)
     colour[n], top = patches[0].get_edgecolor(), max(top, counts.max())
@@ -612,10 +697,10 @@ def plot(results, path) -> None:
   axes[1].set_xlabel("1 - cosine to float embedding (per sentence)")
   axes[1].set_ylabel("sentences")
   axes[1].set_title("Lee corpus sentences")
-  axes[1].legend(fontsize=7, ncol=2)
+  axes[1].legend(fontsize=6, ncol=3)
   axes[2].bar(x, [results[n]["speedup_vs_float"] for n in names])
   axes[2].axhline(1.0, color="gray", lw=0.8)
-  axes[2].set_xticks(x, names, rotation=30, ha="right")
+  axes[2].set_xticks(x, names, rotation=50, ha="right", fontsize=8)
   axes[2].set_ylabel("speed-up vs float (this CPU)")
   axes[2].set_title("Embeddings / s")
   common.save_figure(fig, path)
@@ -626,7 +711,7 @@ def markdown(report) -> str:
   pairs = setup["word_pairs"]
   title = (f"all-MiniLM-L6-v2: float vs W8A8 / W4A16 (g{GROUP_SIZE}) / W8A16"
            f" / fp8 W8A8 / nf4 W4A16 (g{GROUP_SIZE}, g{NF4_GROUP_SIZE})"
-           " / RTN vs GPTQ"
+           " / RTN vs GPTQ vs AWQ / W8A8 static: RTN vs SmoothQuant"
            f"{' (quick)' if setup['quick'] else ''}")
   details = (
       f"\nWord pairs: WordSim353 {pairs['wordsim353']}, SimLex-999 "
@@ -638,7 +723,7 @@ def markdown(report) -> str:
       "with their scales. The 12 float matmuls of the quantized variants are "
       "the attention einsums (no parameter operand).\n"
       + speed_spread(results)
-      + gptq_text(results, setup)
+      + methods_text(results, setup)
       + noise_floor_text(results, setup["noise_floor_repeats"]))
   return f"# {title}\n\n{common.format_table(table_rows(results))}{details}"
 
@@ -649,7 +734,8 @@ def figures(report) -> dict:
 
 def parser():
   p = common.parser(__doc__, NAME, quick="CI size: 60 pairs per set, 32 "
-                    "sentences, 1 timing round, no noise-floor repeats")
+                    "sentences, 1 timing round of 1 call, no noise-floor "
+                    "repeats")
   p.add_argument("--rounds", type=int, default=None,
                  help="timing rounds (default 1 quick, 7 full)")
   p.add_argument("--repeats", type=int, default=None,

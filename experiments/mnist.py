@@ -1,4 +1,4 @@
-"""MNIST CNN: float vs PTQ (W8A8 / W4A8 / W2A8) vs GPTQ vs QAT vs PTQ +
+"""MNIST CNN: float vs PTQ (W8A8 / W4A8 / W2A8) vs GPTQ vs AWQ vs QAT vs PTQ +
 fine-tuning.
 
   python -m experiments.mnist [--quick] [--out DIR] [--epochs N] [--seed S]
@@ -22,10 +22,14 @@ s8 x s8 -> s32 matmuls and convolutions) except the float baseline:
           (symmetric), either with one static per-tensor scale calibrated on
           20 training batches of 128 (`jq.calibrate`, observer "minmax" or
           "mse") or dynamic (scale per example computed at run time).
-  GPTQ    per-channel int3 / int2 weights rounded by `jq.gptq()` (default
-          settings) instead of to nearest, Hessians from the same 20
-          calibration batches, static minmax int8 activations; shown
-          beside the round-to-nearest row of the same spec (--quick: int2).
+  GPTQ, AWQ
+          per-channel int3 / int2 weights rounded by `jq.gptq()` or
+          `jq.awq()` (default settings) instead of to nearest, their
+          statistics (Hessians; AWQ also per-input-channel mean |x|) from
+          the same 20 calibration batches, static minmax int8 activations
+          (AWQ: the range of x / s); shown beside the round-to-nearest row
+          of the same spec, with the wall seconds of `jq.calibrate` +
+          `jq.quantize_params` (--quick: int2 only).
   QAT     trained from scratch (same initialisation, schedule and epochs as
           float) with `jq.fake_quant_apply(model.apply, recipe)`: per-channel int8 /
           int4 / int2 weights, dynamic int8 activations (exactly what
@@ -40,20 +44,22 @@ storage plus scales plus the float biases) and latency relative to float
 (`jit(model.apply)` vs `jit(quantized_apply)` on a batch of 256, timed in one
 process with every variant interleaved in rounds; median over rounds of the
 per-round ratio). Variants that run the same computation (same weight
-spec, static or dynamic activations; e.g. PTQ minmax and mse) share one
-timing, and `jq.int8_ops` counts each one's int8 matmuls before and after
-XLA's optimisations (results.json, `int8_ops`). Training is
-`common.train` (Adam as a learning-rate-free direction, the cosine rate
-evaluated on the host), batches from `common.shuffled_batches` with the
-epoch remainder carried over. Outputs in results/mnist/ (or --out): results.md, results.json,
-pareto.png (accuracy vs bytes, log x) and calibration.png (dynamic vs
-min/max vs MSE activation scales per weight setting); the full run also
-writes a per-layer report (`jq.layer_report`) of the 2- and 4-bit PTQ
-models to layers/.
+spec, static or dynamic activations; e.g. PTQ minmax and mse, or GPTQ and
+its PTQ twin; AWQ runs apart: it divides each activation by its
+pre-scale) share one timing, and `jq.int8_ops` counts each one's int8
+matmuls before and after XLA's optimisations (results.json, `int8_ops`).
+Training is `common.train` (Adam as a learning-rate-free direction, the
+cosine rate evaluated on the host), batches from `common.shuffled_batches`
+with the epoch remainder carried over. Outputs in results/mnist/ (or
+--out): results.md, results.json, pareto.png (accuracy vs bytes, log x)
+and calibration.png (dynamic vs min/max vs MSE activation scales per weight
+setting); the full run also writes a per-layer report (`jq.layer_report`)
+of the 2- and 4-bit PTQ models to layers/.
 
 --quick (CI, < 60 s on 2 cores): 5k training / 2k test images, 1 epoch at
 batch 32 (39 steps of 128 leave the float model near 87 %), six PTQ
-variants, QAT and QAFT at 4 bits only, 2 timing rounds of one call.
+variants, GPTQ and AWQ at 2 bits, QAT and QAFT at 4 bits only, 2 timing
+rounds of one call.
 """
 
 from __future__ import annotations
@@ -79,8 +85,10 @@ EVAL_BATCH = 256       # evaluation and timing batch (one compiled shape)
 LR, QAFT_LR = 2e-3, 5e-4
 QAFT_EPOCHS = 1.0
 CALIB_BATCHES = 20
-# GPTQ rows (with their round-to-nearest twins), per --quick.
-GPTQ_BITS = {True: (2,), False: (3, 2)}
+# Calibrated rounding methods (default settings), each beside the
+# round-to-nearest row of the same spec: method -> weight bits, per --quick.
+METHODS = {"GPTQ": jq.gptq(), "AWQ": jq.awq()}
+METHOD_BITS = {True: (2,), False: (3, 2)}
 SPECS = {8: jq.int8, 4: jq.int4, 3: jq.int3, 2: jq.int2}
 GRAN = {"channel": "ch", "tensor": "t"}
 
@@ -236,6 +244,8 @@ def experiment(quick: bool, epochs: float, seed: int, timer) -> dict:
   def add(name, method, bits, gran, calib, acc, params_tree, extra=None):
     exec_key = "float" if bits is None else (
         f"w{bits}{GRAN[gran]}-{'dyn' if calib == 'dynamic' else 'static'}")
+    if method in METHODS and METHODS[method].prescales:
+      exec_key += "-prescaled"  # divides each activation by AWQ's scale
     if exec_key not in timing_args:
       fn = float_apply if bits is None else qapply(bits, gran)
       timing_args[exec_key] = (fn, (params_tree, x_test[:EVAL_BATCH]))
@@ -278,10 +288,11 @@ def experiment(quick: bool, epochs: float, seed: int, timer) -> dict:
       add(f"PTQ W{bits}A8 {GRAN[gran]} {calib}", "PTQ", bits, gran, calib,
           accuracy(qapply(bits, gran), qparams, x_test, y_test), qparams)
 
-  # -- GPTQ against round-to-nearest, same weights and activation scales:
-  # one calibration collects the activation ranges and GPTQ's Hessians.
-  with timer("GPTQ"):
-    for bits in GPTQ_BITS[quick]:
+  # -- GPTQ and AWQ against round-to-nearest of the same weight spec: one
+  # calibration per method collects the activation ranges and the method's
+  # statistics.
+  with timer("methods"):
+    for bits in METHOD_BITS[quick]:
       name = f"W{bits}A8 ch minmax"
       if not any(r["name"] == f"PTQ {name}" for r in rows):
         qparams = jq.quantize_params(model.apply, params, recipe(bits),
@@ -289,16 +300,18 @@ def experiment(quick: bool, epochs: float, seed: int, timer) -> dict:
         add(f"PTQ {name}", "PTQ", bits, "channel", "minmax",
             accuracy(qapply(bits, "channel"), qparams, x_test, y_test),
             qparams)
-      rec = recipe(bits, method=jq.gptq())
-      start = time.perf_counter()
-      gptq_stats = jq.calibrate(model.apply, params, rec, batches,
-                                progress=common.tty())
-      qparams = jq.quantize_params(model.apply, params, rec, example,
-                                   stats=gptq_stats, progress=False)
-      seconds = time.perf_counter() - start
-      add(f"GPTQ {name}", "GPTQ", bits, "channel", "minmax",
-          accuracy(qapply(bits, "channel"), qparams, x_test, y_test),
-          qparams, {"quantize_seconds": seconds})
+      for method, how in METHODS.items():
+        rec = recipe(bits, method=how)
+        start = time.perf_counter()
+        method_stats = jq.calibrate(model.apply, params, rec, batches,
+                                    progress=common.tty())
+        qparams = jax.block_until_ready(jq.quantize_params(
+            model.apply, params, rec, example, stats=method_stats,
+            progress=False))
+        seconds = time.perf_counter() - start
+        add(f"{method} {name}", method, bits, "channel", "minmax",
+            accuracy(qapply(bits, "channel"), qparams, x_test, y_test),
+            qparams, {"quantize_seconds": seconds})
 
   # -- QAT from scratch, and PTQ + quantization-aware fine-tuning
   def quantize_and_eval(name, method, bits, trained, info):
@@ -426,7 +439,7 @@ def markdown(report) -> str:
   cfg, rows = report["config"], report["rows"]
   table = common.format_table(table_rows(rows))
   lines = [
-      "# MNIST CNN: float vs PTQ vs QAT vs QAFT", "",
+      "# MNIST CNN: float vs PTQ vs GPTQ / AWQ vs QAT vs QAFT", "",
       (f"{'Quick' if cfg['quick'] else 'Full'} run, seed {cfg['seed']}: "
        f"Conv16-Conv32 (3x3, ReLU, 2x2 max pool) - Dense128 - Dense10, "
        f"{cfg['parameters']:,} parameters; {cfg['train_images']:,} training "
@@ -457,6 +470,7 @@ def markdown(report) -> str:
           f"{t['worst']}: {vs_float(t['worst_gap_points'])}; best "
           f"{t['best']}: {vs_float(t['best_gap_points'])})")
     lines.append("")
+  lines += method_lines(rows)
   lines += ["## Wall-clock seconds", "",
             ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()),
             ""]
@@ -467,6 +481,29 @@ def markdown(report) -> str:
     lines += [f"## Per-layer report, PTQ {name} (`jq.layer_report`)", "",
               "```", text, "```", ""]
   return "\n".join(lines)
+
+
+def method_lines(rows) -> list[str]:
+  """GPTQ / AWQ against their round-to-nearest twins, per weight spec."""
+  out = []
+  for r in rows:
+    if r["method"] in METHODS:
+      twin = r["name"].replace(r["method"], "PTQ", 1)
+      (rtn,) = [t for t in rows if t["name"] == twin]
+      out.append(f"- {r['name']}: {100 * r['accuracy']:.2f} % vs "
+                 f"{100 * rtn['accuracy']:.2f} % rounded to nearest "
+                 f"({100 * (r['accuracy'] - rtn['accuracy']):+.2f} points); "
+                 f"`jq.calibrate` + `jq.quantize_params` "
+                 f"{r['quantize_seconds']:.1f} s wall")
+  if not out:
+    return []
+  return ["## Calibrated rounding vs round-to-nearest", "",
+          "Default settings (`" + "`, `".join(map(repr, METHODS.values()))
+          + "`), same weight spec as the PTQ twin and static minmax int8 "
+          "activations (AWQ's range is that of x / s, its pre-scaled "
+          "input); calibrated on the same batches; seconds: first call, "
+          "compilation included, shared machine.", "",
+          *out, ""]
 
 
 def _clusters(rows, yfrac):
@@ -486,7 +523,7 @@ def plot_pareto(rows, path):
   """Accuracy vs bytes (log x); labels in a column beside each cluster."""
   import matplotlib.pyplot as plt
   colors = {"float": "k", "PTQ": "#4477aa", "GPTQ": "#aa3377",
-            "QAT": "#cc3311", "QAFT": "#228833"}
+            "AWQ": "#ee7733", "QAT": "#cc3311", "QAFT": "#228833"}
   float_acc = rows[0]["accuracy"]
   low = min(r["accuracy"] for r in rows)
   panels = [(0.0, 1.02, "all variants")]
@@ -538,7 +575,7 @@ def plot_pareto(rows, path):
       for k, r in enumerate(group):
         px = to_axes.transform(ax.transData.transform(
             (r["bytes"], 100 * r["accuracy"])))[0]
-        ax.annotate(f"{r['name'].replace('PTQ ', '')}  "
+        ax.annotate(f"{r['name'].removeprefix('PTQ ')}  "
                     f"{100 * r['accuracy']:.2f}",
                     (r["bytes"], 100 * r["accuracy"]),
                     xytext=(px + 0.035, top - k * step),

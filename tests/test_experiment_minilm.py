@@ -1,8 +1,9 @@
 """Quick run of experiments.minilm (all-MiniLM-L6-v2, float vs W8A8 / W4A16 /
-W8A16 / fp8 W8A8 / nf4 W4A16 g32, g64 / W4A16 g32 GPTQ).
+W8A16 / fp8 W8A8 / nf4 W4A16 g32, g64 / W4A16 g32 GPTQ / W8A8 static,
+SmoothQuant 0.8).
 
 One test function: under pytest-xdist a shared fixture could run on both
-workers, doubling the ~30 s run.
+workers, doubling the ~2 min run.
 """
 
 import importlib.util
@@ -11,8 +12,9 @@ import json
 import pytest
 
 
-# Not marked slow (about 1 min, half of it GPTQ): CI's only run of the
-# MiniLM port quantized.
+# Not marked slow (about 1.7 min on 2 shared cores; GPTQ about 30 s, W8A8
+# static and SmoothQuant 15 s): CI's only run of the MiniLM port
+# quantized.
 def test_minilm_quick(tmp_path):
   for module in ("safetensors", "tokenizers", "scipy"):
     pytest.importorskip(module)
@@ -26,9 +28,11 @@ def test_minilm_quick(tmp_path):
   for name in ("results.md", "results.json", "minilm.png"):
     assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size
   saved = json.loads((tmp_path / "results.json").read_text())["results"]
-  # --quick: one GPTQ variant; its RTN twin is "W4A16" (int4, g32).
+  # --quick: GPTQ and SmoothQuant (AWQ in the full run); GPTQ's RTN twin is
+  # "W4A16" (int4, g32), SmoothQuant's "W8A8 static".
   assert list(saved) == ["float", "W8A8", "W4A16", "W8A16", "fp8 W8A8",
-                         "nf4 W4A16 g32", "nf4 W4A16 g64", "W4A16 (g32) GPTQ"]
+                         "nf4 W4A16 g32", "nf4 W4A16 g64", "W4A16 (g32) GPTQ",
+                         "W8A8 static", "W8A8 static SmoothQuant 0.8"]
   table = (tmp_path / "results.md").read_text()
   assert all(f"| {name} |" in table for name in saved)
 
@@ -93,8 +97,32 @@ def test_minilm_quick(tmp_path):
   assert seconds["calibrate"] > 0 and seconds["quantize"] > 0
   assert rtn["quantize_seconds"]["calibrate"] == 0
   assert "| W4A16 (g32) GPTQ |" in table and "1 - mean cos" in table
+
+  # W8A8 with static per-tensor activation scales (calibrated), rounded to
+  # nearest or SmoothQuant-ed (alpha 0.8): every Dense matmul int8. Measured
+  # (quick) 1 - mean cos 0.0187 RTN, 0.0031 SmoothQuant 0.8 (0.17x; in the
+  # full run alpha 0.5 is 3.7x RTN's: see results/minilm).
+  static = results["W8A8 static"]
+  smooth = results["W8A8 static SmoothQuant 0.8"]
+  assert static["method"] == "rtn" and smooth["method"] == "smoothquant"
+  assert smooth["rtn_twin"] == "W8A8 static"
+  for r in (static, smooth):
+    assert r["matmuls"] == {"int8": 36, "fp8": 0, "weight-only": 0,
+                            "float": 12}
+    assert r["quantize_seconds"]["calibrate"] > 0  # static scales
+    assert "static activation scale" in r["report"]
+  assert "int8/ch smoothquant" in smooth["report"]
+  assert 0.97 < static["cosine_mean"] < w8a8["cosine_mean"]  # per token
+  assert 1 - smooth["cosine_mean"] < 0.5 * (1 - static["cosine_mean"])
+  assert smooth["cosine_min"] > static["cosine_min"]
+  assert kernels["W8A8 static SmoothQuant 0.8"] == (
+      kernels["W8A8 static"] + 4 * 6 * 3456)
+  assert "| W8A8 static SmoothQuant 0.8 | smoothquant |" in table
+
   setup = json.loads((tmp_path / "results.json").read_text())["setup"]
-  assert setup["gptq"]["calibration_sentences"] == 128
+  assert setup["calibration"]["sentences"] == 128
+  assert setup["rtn_twins"] == {"W4A16 (g32) GPTQ": "W4A16",
+                                "W8A8 static SmoothQuant 0.8": "W8A8 static"}
   # Calibration never sees an evaluated sentence (either run size).
   calib = set(minilm.calibration_sentences(minilm.load_minilm()[2]))
   assert len(calib) == 128
