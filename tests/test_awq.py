@@ -170,12 +170,7 @@ def test_a_weight_used_twice_combines_its_feature_stats():
 
 
 def test_a_weight_shared_by_every_step_of_a_scan_combines_over_steps():
-  def rnn(p, xs):  # xs: (time, batch, features); one w for every step
-    def step(h, x):
-      h = jnp.tanh(x @ p["w"] + h @ p["u"])
-      return h, h
-    return jax.lax.scan(step, jnp.zeros((xs.shape[1], 8)), xs)[1]
-
+  rnn = zoo.rnn_apply  # one w and u for every step
   params = {"w": jnp.asarray(normal(0, (16, 8)) / 4),
             "u": jnp.asarray(normal(1, (8, 8)) / 4)}
   xs = correlated(2, (5, 4, 16))

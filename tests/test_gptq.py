@@ -138,12 +138,7 @@ def test_scan_stacked_layers_get_one_hessian_each():
 
 
 def test_a_weight_shared_by_every_step_of_a_scan_sums_over_steps():
-  def rnn(p, xs):  # xs: (time, batch, features); one w for every step
-    def step(h, x):
-      h = jnp.tanh(x @ p["w"] + h @ p["u"])
-      return h, h
-    return jax.lax.scan(step, jnp.zeros((xs.shape[1], 8)), xs)[1]
-
+  rnn = zoo.rnn_apply  # one w and u for every step
   params = {"w": jax.random.normal(jax.random.key(0), (16, 8)) / 4,
             "u": jax.random.normal(jax.random.key(1), (8, 8)) / 4}
   xs = correlated(jax.random.key(2), (5, 4, 16))

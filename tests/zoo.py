@@ -107,6 +107,15 @@ def plain_apply(params, x):
   return jnp.dot(h, params["w2"])
 
 
+def rnn_apply(params, xs):
+  """A plain-JAX RNN: xs (time, batch, features); one `w` (features, 8)
+  and one `u` (8, 8) for every step of a `lax.scan`."""
+  def step(h, x):
+    h = jnp.tanh(x @ params["w"] + h @ params["u"])
+    return h, h
+  return jax.lax.scan(step, jnp.zeros((xs.shape[1], 8)), xs)[1]
+
+
 def param_tree():
   """A Linen-style variables dict (no model): an embedding, two Dense
   layers and an integer step counter, for tree and checkpoint tests."""
