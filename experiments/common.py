@@ -385,9 +385,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-  """This process's peak resident memory so far, MiB (Linux ru_maxrss)."""
-  import resource
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """This process's peak resident memory so far, MiB (Linux VmHWM; not
+  ru_maxrss, which a subprocess inherits from the parent it forked from)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  raise OSError("no VmHWM in /proc/self/status")
 
 
 CHILD = "--child"  # argv of a script's own measurement subprocess

@@ -56,7 +56,7 @@ def tree(params) -> Source:
 def safetensors(path: str | os.PathLike,
                 name: Callable[[str], str] | None = None) -> Source:
   """The tensors of a `.safetensors` file, each read on demand (memory-
-  mapped by the `safetensors` package, which must be installed).
+  mapped by the `safetensors` package).
 
   Args:
     path: the file.
@@ -64,11 +64,7 @@ def safetensors(path: str | os.PathLike,
       the file has no such tensor, the path with '.' for '/' (the
       Hugging Face convention).
   """
-  try:
-    from safetensors import safe_open  # optional dependency
-  except ImportError as e:
-    raise ValueError("jq.sources.safetensors needs the safetensors package: "
-                     "pip install safetensors") from e
+  from safetensors import safe_open  # here: only this source needs it
   handle = safe_open(os.fspath(path), framework="numpy")
   names = set(handle.keys())
 
