@@ -10,7 +10,7 @@ read it (`jq.sources.checkpoint`, `jq.sources.safetensors`).
 `jq.quantize_params(..., source=)` quantizes one leaf at a time.
 
 Each variant runs in its own subprocess, so its peak resident memory
-(`ru_maxrss`) is its own. The baseline is the resident memory after
+(VmHWM) is its own. The baseline is the resident memory after
 imports, the abstract trace and one small warm-up quantization (JAX's
 own footprint). Reported: the growth from it to the peak, against the
 quantized tree's bytes plus the largest float leaf, which is the bound
