@@ -45,7 +45,9 @@ def test_lowering_probe_small(tmp_path):
         assert math.isfinite(cell[f"{mode}: {form}"])
   suggested = report["suggested"]
   assert suggested["min_rows"] in (1, 4)
-  assert suggested["weight_only_parts"] in (0, 3 / 256, 48 / 256)
+  # The probe reports the fraction rounded to 4 decimals.
+  assert suggested["weight_only_parts"] in (0, round(3 / 256, 4),
+                                            round(48 / 256, 4))
   batched, per_group = suggested["grouped_rows"]
   assert batched in (0, 1, 16) and per_group in (0, 1, 16)  # 1 group
   assert "Supported by these numbers" in (tmp_path / "results.md").read_text()
