@@ -63,14 +63,24 @@ def rows_of(x, order, contracted):
   return jnp.transpose(x, (*rest, *dims)).reshape(-1, k)
 
 
+def check_supported(site: Site, params) -> None:
+  """Raises ValueError naming the weight where its matmul's statistics
+  cannot be lined up with it: a weight with dot_general batch dimensions,
+  or a grouped / depthwise convolution."""
+  if site.weight_batch:
+    raise ValueError(f"{site.path}: method= needs a weight without batch "
+                     "dimensions in its dot_general; quantize it without "
+                     "method=")
+  if site.primitive != compat.DOT_GENERAL and (
+      params["feature_group_count"] != 1 or params["batch_group_count"] != 1):
+    raise ValueError(f"{site.path}: its method needs a dense convolution (one "
+                     "feature group); quantize this grouped or depthwise conv "
+                     "without method=")
+
+
 def _conv_patches(x, site: Site, params):
   """The conv input as patches, (..., in-features, *window) per output
   position; the kernel dimensions these features pair with."""
-  where = f"{site.path}: its method"
-  if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
-    raise ValueError(f"{where} needs a dense convolution (one feature "
-                     "group); quantize this grouped or depthwise conv "
-                     "without method=")
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   window = [site.weight_shape[d] for d in rhs_spec[2:]]
   patches = lax.conv_general_dilated_patches(
@@ -104,10 +114,7 @@ def gram(x: jax.Array, site: Site, axes, params) -> jax.Array:
     axes: per dimension of the weight operand, the parameter axes it holds.
     params: the matmul equation's params (a conv's window and strides).
   """
-  if site.weight_batch:
-    raise ValueError(f"{site.path}: method= needs a weight without batch "
-                     "dimensions in its dot_general; quantize it without "
-                     "method=")
+  check_supported(site, params)
   if site.primitive == compat.DOT_GENERAL:
     contracted, dims = site.act_contract, site.weight_contract
   else:

@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant import compat
 from jaxquant.engine import hessian
@@ -78,18 +77,6 @@ def _dims(site: Site, params) -> tuple[tuple[int, ...], tuple[int, ...]]:
   return (rhs_spec[1],), (lhs_spec[1],)
 
 
-def _check(site: Site, params) -> None:
-  if site.weight_batch:
-    raise ValueError(f"{site.path}: method= needs a weight without batch "
-                     "dimensions in its dot_general; quantize it without "
-                     "method=")
-  if site.primitive != compat.DOT_GENERAL and (
-      params["feature_group_count"] != 1 or params["batch_group_count"] != 1):
-    raise ValueError(f"{site.path}: its method needs a dense convolution (one "
-                     "feature group); quantize this grouped or depthwise conv "
-                     "without method=")
-
-
 def feature_axes(site: Site, axes, params) -> tuple[int, ...]:
   """The parameter axes the input features run along (ascending)."""
   w_dims, _ = _dims(site, params)
@@ -99,7 +86,7 @@ def feature_axes(site: Site, axes, params) -> tuple[int, ...]:
 def feature_stats(x: jax.Array, site: Site, axes, params) -> FeatureStats:
   """`FeatureStats` of the activation `x` over its rows, features in the
   weight's order (float32)."""
-  _check(site, params)
+  hessian.check_supported(site, params)
   w_dims, x_dims = _dims(site, params)
   order = hessian.feature_order(site, axes, w_dims)
   rows = hessian.rows_of(x.astype(jnp.float32), order, x_dims)
@@ -138,7 +125,3 @@ def leaf_shape(shape, stacked: int, axes: tuple[int, ...]) -> tuple:
 def to_leaf(s: jax.Array, shape, stacked: int, axes) -> jax.Array:
   """Per-feature `s` of shape (*layers, K) as a keepdims `in_scale`."""
   return jnp.reshape(s, leaf_shape(shape, stacked, axes))
-
-
-def feature_count(shape, axes) -> int:
-  return int(np.prod([shape[a] for a in axes], dtype=int))
