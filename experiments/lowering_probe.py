@@ -2,10 +2,13 @@
 
 For each mode and row count M, one `nn.Dense` (K x N) runs through
 `jq.quantized_apply` once per formulation, each forced with a
-`lowering.Profile` passed as `machine=`: W8A8 unpadded or with rows padded
-to 4; W8A16 as a float dot of the dequantized weight or an int8 dot on the
-activation's int8 parts; W4A8 g128 as one batched int8 dot, one int8 dot
-per group, or a float dot. All variants are timed interleaved in rounds
+`lowering.Profile` passed as `machine=` (to `quantize_params` too, which
+stores the weight in that profile's layout): W8A8 unpadded or with rows
+padded to 4, on a weight stored `(K, N)` or `(N, K)` (contracted axis
+last), and at one row as a float reduction over the stored codes; W8A16 as
+a float dot of the dequantized weight, an int8 dot on the activation's
+int8 parts (either layout), or the row reduction; W4A8 g128 as one batched
+int8 dot, one int8 dot per group, or a float dot. All variants are timed interleaved in rounds
 (`common.time_rounds`); cells are time / float time, medians of per-round
 ratios. The last line gives the `Profile` fields these measurements
 support: compare with `lowering.PROFILES[lowering.machine()]`.
@@ -29,12 +32,21 @@ NAME = "lowering_probe"
 ROWS = (1, 2, 4, 8, 16, 64, 256)
 BIG = 10**9
 # mode -> formulation -> the Profile that forces it at every row count.
+STORED = dict(contract_last=True)  # the weight stored (N, K)
 FORMULATIONS = {
     "W8A8": {"unpadded": lowering.Profile(),
-             "rows padded to 4": lowering.Profile(min_rows=4)},
+             "rows padded to 4": lowering.Profile(min_rows=4),
+             "(N, K) padded": lowering.Profile(min_rows=4, **STORED),
+             "(N, K) row reduce": lowering.Profile(min_rows=4, row_reduce=True,
+                                                   **STORED)},
     "W8A16": {"dequantized": lowering.Profile(),
               "int8 parts": lowering.Profile(min_rows=4,
-                                             weight_only_parts=BIG)},
+                                             weight_only_parts=BIG),
+              "(N, K) int8 parts": lowering.Profile(
+                  min_rows=4, weight_only_parts=BIG, **STORED),
+              "(N, K) row reduce": lowering.Profile(
+                  min_rows=4, weight_only_parts=BIG, row_reduce=True,
+                  **STORED)},
     "W4A8 g128": {
         "batched": lowering.Profile(min_rows=4, grouped_rows=(BIG, BIG)),
         "per group": lowering.Profile(min_rows=4, grouped_rows=(0, BIG)),
@@ -69,8 +81,11 @@ def _variants(k: int, n: int, m: int, seed: int):
   variants = {"float": (jax.jit(model.apply), (params, x))}
   for mode, forms in FORMULATIONS.items():
     recipe = jq.Recipe([jq.Rule(".*kernel", **RULES[mode])])
-    qparams = jq.quantize_params(model.apply, params, recipe, x)
     for form, prof in forms.items():
+      if m > 1 and "row reduce" in form:
+        continue  # the same lowering as "(N, K) ..." beyond one row
+      qparams = jq.quantize_params(model.apply, params, recipe, x,
+                                   machine=prof, progress=False)
       fn = jq.quantized_apply(model.apply, recipe, machine=prof)
       variants[f"{mode}: {form}"] = (jax.jit(fn), (qparams, x))
   return variants
@@ -96,8 +111,8 @@ def run(args) -> dict:
           "cells": cells, "suggested": suggest(cells, n, k // 128)}
 
 
-def _best(cell, mode) -> str:
-  forms = FORMULATIONS[mode]
+def _best(cell, mode, forms=None) -> str:
+  forms = [f for f in forms or FORMULATIONS[mode] if f"{mode}: {f}" in cell]
   return min(forms, key=lambda form: cell[f"{mode}: {form}"])
 
 
@@ -115,11 +130,20 @@ def suggest(cells, n: int, groups: int) -> dict:
   """The `lowering.Profile` fields these measurements support, for an
   `n`-feature weight in `groups` groups (float32: 3 parts per row)."""
   few = [c for c in cells if c["M"] < 4]
-  parts_rows = 3 * _last_row(cells,
-                             lambda c: _best(c, "W8A16") == "int8 parts")
+  parts = ("dequantized", "int8 parts", "(N, K) int8 parts")
+  parts_rows = 3 * _last_row(
+      cells, lambda c: _best(c, "W8A16", parts) != "dequantized")
+  padded = ("unpadded", "rows padded to 4")
+  one = [c for c in cells if c["M"] == 1]
   return {
-      "min_rows": 4 if few and all(_best(c, "W8A8") == "rows padded to 4"
-                                   for c in few) else 1,
+      "min_rows": 4 if few and all(_best(c, "W8A8", padded) ==
+                                   "rows padded to 4" for c in few) else 1,
+      "contract_last": all(
+          c["W8A8: (N, K) padded"] <= c["W8A8: rows padded to 4"]
+          for c in cells),
+      "row_reduce": bool(one) and all(
+          _best(c, mode) == "(N, K) row reduce"
+          for c in one for mode in ("W8A8", "W8A16")),
       "weight_only_parts": round(parts_rows / n, 4),
       "grouped_rows": (
           _last_row(cells, lambda c: _best(c, "W4A8 g128") == "batched"),

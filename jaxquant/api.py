@@ -24,7 +24,7 @@ from jaxquant.gptq import gptq_leaf
 from jaxquant.methods import HESSIAN, Gptq
 from jaxquant.prescaled import prescaled_leaf, prescaled_range
 from jaxquant.qarray import (ActQuant, QArray, fake_quant as fake_quant_array,
-                             quantize)
+                             quantize, with_order)
 from jaxquant.rules import Recipe
 from jaxquant.transform import provenance
 from jaxquant.transform import (FloatPayload, Tracer, param_leaves,
@@ -39,7 +39,8 @@ from jaxquant.tree import is_qarray
 def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
                     stats=None, key: jax.Array | None = None,
                     model_kwargs: dict | None = None, progress: bool = True,
-                    source: Callable[[str], Any] | None = None):
+                    source: Callable[[str], Any] | None = None,
+                    machine=None):
   """Quantizes every parameter that `apply_fn` multiplies in a matmul.
 
   `apply_fn(params, *args, **model_kwargs)` is traced once, abstractly, to
@@ -74,6 +75,11 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
       dropped before the next is fetched, so peak memory is the
       quantized tree plus about one float leaf
       (`jaxquant.sources` reads checkpoints leaf by leaf).
+    machine: the machine the params will run on, as for `quantized_apply`
+      (default: this one). Where its int8 kernels are faster on that layout
+      (`lowering.Profile.contract_last`: CPUs), per-channel integer weights
+      are stored with their contracted axes last (`QArray.order`); weights
+      placed on more than one device keep the layout they were given.
 
   Returns:
     `params` with a `QArray` in place of every quantized weight.
@@ -100,8 +106,10 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
   keys = _leaf_keys(specs, traced.paths, key)
   fetch = _fetcher(source, dict(zip(traced.paths, leaves)))
 
+  engine.lowering.check_machine(machine)
   methods = _methods(recipe, specs, stats)
   contracted = traced.contracted()
+  orders = _stored_orders(traced, specs, leaves, machine)
   from tqdm.auto import tqdm  # here: importing it warns in some notebooks
   bar = tqdm(total=len(methods), desc="methods", leave=False,
              disable=not (progress and methods))
@@ -115,6 +123,7 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
       bar.update()
     else:
       q = quantize(leaf, specs[path], key=keys.get(path), where=path)
+    q = with_order(q, orders.get(path))
     if source is not None:
       # Measured on XLA:CPU: a jit's outputs can keep the buffers of its
       # whole computation alive (an int4 g128 leaf of 4 MB kept about its
@@ -143,6 +152,25 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
       [quantized(path, leaf) if path in specs else fetch(path)
        for path, leaf in zip(traced.paths, leaves)])
   bar.close()
+  return out
+
+
+def _stored_orders(traced, specs: dict, leaves, machine) -> dict:
+  """Path -> the axis order its codes are stored in (`lowering.stored_order`),
+  for weights that live on one device."""
+  sites: dict = {}
+  for site in traced.sites:
+    sites.setdefault(site.path, []).append(site)
+  out = {}
+  for path, leaf in zip(traced.paths, leaves):
+    sharding = getattr(leaf, "sharding", None)
+    if path not in specs or (isinstance(sharding, jax.sharding.Sharding)
+                             and len(sharding.device_set) > 1):
+      continue
+    order = engine.lowering.stored_order(sites.get(path, []), specs[path],
+                                         len(np.shape(leaf)), machine)
+    if order is not None:
+      out[path] = order
   return out
 
 

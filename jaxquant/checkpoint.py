@@ -55,7 +55,7 @@ import msgpack
 import numpy as np
 
 from jaxquant import numerics, packing
-from jaxquant.qarray import ActQuant, QArray
+from jaxquant.qarray import ActQuant, QArray, with_order
 from jaxquant.spec import QuantSpec
 from jaxquant.tree import key_name
 
@@ -239,6 +239,7 @@ def _leaf_header(x, path) -> dict:
   if isinstance(x, QArray):
     header = {"t": "qarray", "spec": dataclasses.asdict(x.spec),
               "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name,
+              "order": None if x.order is None else list(x.order),
               "act_spec": None if x.act is None else dataclasses.asdict(
                   x.act.spec), "arrays": arrays}
   elif _is_key(x):
@@ -697,6 +698,12 @@ def _qarray_plan(d, path) -> _Plan:
   act = None if act is None else _spec(act, path)
   shape = _shape(_get(d, "shape", list), path)
   dtype = _dtype(_get(d, "dtype", str), path)
+  order = _get(d, "order", list, None) if "order" in d else None
+  if order is not None:
+    if sorted(order) != list(range(len(shape))):
+      raise _Invalid(f"{path}: QArray order {order[:8]} is not a "
+                     f"permutation of its {len(shape)} axes")
+    order = tuple(order)
   given = _get(d, "arrays", dict)
   if not {"values", "scale"} <= given.keys() <= set(_QFIELDS):
     raise _Invalid(f"{path}: QArray arrays {sorted(map(str, given))[:6]}")
@@ -706,7 +713,7 @@ def _qarray_plan(d, path) -> _Plan:
       a["values"], a["scale"], a.get("zero_point"), spec, shape, dtype,
       None if act is None and a.get("act_scale") is None else ActQuant(
           a.get("act_scale"), a.get("act_zero_point"), act),
-      a.get("in_scale")))
+      a.get("in_scale"), order))
   problem = _qarray_problem(plan.stub(), path)
   if problem:
     raise _Invalid(f"{path}: QArray {problem}")
@@ -741,7 +748,8 @@ def _qarray_problem(q: QArray, path) -> str | None:
     return (f"in_scale has shape {tuple(q.in_scale.shape)} and dtype "
             f"{q.in_scale.dtype}, expected a float keepdims shape of "
             f"{q.shape}")
-  want = {"values": (_values_shape(q.shape, spec), _values_dtype(spec)),
+  want = {"values": (_values_shape(q.stored_shape, spec),
+                     _values_dtype(spec)),
           "scale": (scale, None), "zero_point": (scale, None),
           "act_scale": (act_shape, None), "act_zero_point": (act_shape, None)}
   for name, (shape, dtype) in want.items():
@@ -774,6 +782,15 @@ def _scale_shape(shape, spec) -> tuple:
 
 
 # Building the tree from its description, checking `like` on the way.
+
+
+def _in_order_of(leaf, like):
+  """A QArray `leaf` with its codes stored in `like`'s order (quantized on
+  one machine, loaded for another: `QArray.order`)."""
+  if isinstance(leaf, QArray) and isinstance(like, QArray) and (
+      leaf.order != like.order):
+    return with_order(leaf, like.order)
+  return leaf
 
 
 def _placed(leaf, like):
@@ -813,7 +830,7 @@ def _build(d, like, names, leaves: dict, dry: bool):
     if like is not _ABSENT:
       _check_leaf(leaf, like, names)
       if not dry:
-        leaf = _placed(leaf, like)
+        leaf = _placed(_in_order_of(leaf, like), like)
     return leaf
   if kind in ("none", "scalar"):
     value = None if kind == "none" else _get(d, "v", bool, int, float, str)
@@ -928,6 +945,8 @@ def _check_leaf(got, want, names) -> None:
   got_fields, want_fields = _qarray_fields(got), _qarray_fields(want)
   for name in _QFIELDS:
     a, b = got_fields[name], want_fields[name]
+    if name == "values" and got.order != want.order:
+      continue  # re-laid in `like`'s order (`_in_order_of`)
     if (a is None) != (b is None) or a is not None and (
         tuple(a.shape), a.dtype) != (tuple(b.shape), b.dtype):
       raise _mismatch(names, f"QArray {name} is {_what(a)} in the file, "

@@ -4,8 +4,8 @@ Children (traced): `values` (int8 / uint8, or packed uint8 for int4 and
 int2), `scale` (float32) and `zero_point` (float32, or None when symmetric),
 and, for activation-aware methods (`jq.awq`, `jq.smoothquant`), an
 `in_scale` per input feature.
-Aux data (static, hashable): the resolved `spec`, the logical `shape` and
-the `dtype` that `dequantize` returns.
+Aux data (static, hashable): the resolved `spec`, the logical `shape`, the
+`dtype` that `dequantize` returns and the storage `order` of the axes.
 
 Scales keep the rank of the tensor: size 1 on reduced axes, so
 `(q - z) * s` broadcasts. Per-group scales have `n_groups` on the group
@@ -90,6 +90,12 @@ class QArray:
       `dequantize` returns `Q(W * s) / s`; the engine computes
       `(x / s) @ Q(W * s)`, the activation pre-scale fused with its
       quantization (AWQ / SmoothQuant).
+    order: None, or the axes of `shape` in the order `values` stores them
+      (`values` holds `transpose(codes, order)`, packed along its last
+      axis); scales keep the logical layout. `quantize_params` stores a
+      matmul's contracted axes last where the machine multiplies that
+      layout faster (`jaxquant.engine.lowering`); `int_values`,
+      `dequantize` and checkpoints see the logical layout regardless.
 
   Example:
     >>> import jax.numpy as jnp, jaxquant as jq
@@ -109,6 +115,9 @@ class QArray:
   act: ActQuant | None = None
   # Pre-scale of the input features (the codes hold W * in_scale); None: 1.
   in_scale: jax.Array | None = None
+  # Storage order of the axes of `values`; None: the logical order.
+  order: tuple[int, ...] | None = dataclasses.field(
+      default=None, metadata=dict(static=True))
 
   @property
   def ndim(self) -> int:
@@ -127,13 +136,22 @@ class QArray:
     return sum(int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize
                for p in parts if p is not None)
 
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    """The shape of the codes as stored (`shape` permuted by `order`)."""
+    return stored_shape(self.shape, self.order)
+
+  def stored_codes(self) -> jax.Array:
+    """The codes unpacked but in storage order (`stored_shape`)."""
+    if not self.spec.packed:
+      return self.values
+    return packing.unpack(self.values, self.spec.bits, self.stored_shape,
+                          self.spec.codes_signed)
+
   def int_values(self) -> jax.Array:
     """The stored codes, unpacked to `self.shape`: int8 (signed) or uint8
     integers, fp8 values, or uint8 nf4 indices."""
-    if not self.spec.packed:
-      return self.values
-    return packing.unpack(self.values, self.spec.bits, self.shape,
-                          self.spec.codes_signed)
+    return logical(self.stored_codes(), self.order)
 
   def grid_values(self) -> jax.Array:
     """Values on the spec's grid before scaling: integers, fp8 values, or
@@ -147,6 +165,51 @@ class QArray:
   def __repr__(self):
     return (f"QArray({self.spec.short()}, shape={self.shape}, "
             f"dtype={jnp.dtype(self.dtype).name}, nbytes={self.nbytes})")
+
+
+def stored_shape(shape, order) -> tuple[int, ...]:
+  return tuple(shape) if order is None else tuple(shape[a] for a in order)
+
+
+def logical(codes, order):
+  """Codes stored in `order`, back in the logical layout."""
+  if order is None:
+    return codes
+  return jnp.transpose(codes, np.argsort(order))
+
+
+def check_order(order, ndim: int, where: str = "QArray") -> None:
+  if order is not None and sorted(order) != list(range(ndim)):
+    raise ValueError(f"{where}: order={order} is not a permutation of the "
+                     f"{ndim} axes; pass a permutation of range({ndim}) or "
+                     "None")
+
+
+def with_order(q: QArray, order) -> QArray:
+  """`q` with its codes stored in `order` (None: the logical order).
+
+  The numbers are unchanged; only the layout of `values` is (see
+  `QArray.order`).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxquant as jq
+    >>> from jaxquant.qarray import with_order
+    >>> q = jq.quantize(jnp.arange(6.0).reshape(2, 3), jq.int8())
+    >>> t = with_order(q, (1, 0))
+    >>> t.values.shape, t.shape, bool((t.dequantize() == q.dequantize()).all())
+    ((3, 2), (2, 3), True)
+  """
+  order = None if order is None or tuple(order) == tuple(range(q.ndim)) \
+      else tuple(int(a) for a in order)
+  check_order(order, q.ndim)
+  if order == q.order:
+    return q
+  codes = q.int_values()
+  if order is not None:
+    codes = jnp.transpose(codes, order)
+  if q.spec.packed:
+    codes = packing.pack(codes, q.spec.bits)
+  return dataclasses.replace(q, values=codes, order=order)
 
 
 def quantize(x, spec: QuantSpec, *, key=None, value_range=None,

@@ -281,7 +281,7 @@ def test_awq_scale_is_the_grid_argmin_of_the_output_error():
   assert best > 0 and np.sort(errors)[1] > errors[best] * 1.001, errors
   np.testing.assert_allclose(q.in_scale, cands[best][0], rtol=2e-6)
   np.testing.assert_array_equal(
-      q.values, jq.quantize(w * q.in_scale, jq.int4()).values)
+      q.int_values(), jq.quantize(w * q.in_scale, jq.int4()).int_values())
   np.testing.assert_allclose(
       np.linalg.norm(np.concatenate(xs) @ (np.asarray(
           jq.dequantize(q), np.float64) - w)) ** 2, errors[best], rtol=1e-4)
@@ -325,7 +325,7 @@ def test_smoothquant_scale_is_the_numpy_formula(smoothed, alpha):
   assert q.in_scale.dtype == jnp.float32 and q.dtype == w.dtype
   # The codes are those of W * s; dequantize divides s back out.
   ref = jq.quantize(w * q.in_scale, jq.int8())
-  np.testing.assert_array_equal(q.values, ref.values)
+  np.testing.assert_array_equal(q.int_values(), ref.int_values())
   np.testing.assert_array_equal(q.scale, ref.scale)
   np.testing.assert_allclose(jq.dequantize(q) * q.in_scale,
                              jq.dequantize(ref), rtol=1e-6, atol=1e-7)

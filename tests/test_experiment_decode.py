@@ -21,12 +21,15 @@ def test_decode_sweep_small(tmp_path):
     for name in [*decode.MODES, "s8 dot"]:
       assert math.isfinite(cell[name]) and 0.01 < cell[name] < 100, cell
   assert report["machine"] == lowering.machine()
-  # Row padding shows up at M = 1 only, on machines that pad.
+  # M = 1 is reduced over the stored codes, or padded, on machines that do
+  # either; M = 8 is one plain int8 dot.
   notes = report["lowering"]["W8A8"]
-  pads = lowering.profile().min_rows > 1
-  assert ("int8, int8 dot, rows padded to 4" in notes) == pads
-  assert notes.get("int8, int8 dot", []) == (
-      ["128x256 M=8"] if pads else ["128x256 M=1", "128x256 M=8"])
+  prof = lowering.profile()
+  one_row = ("int8, " + lowering.ROW_REDUCE if prof.row_reduce
+             else "int8, int8 dot, rows padded to 4" if prof.min_rows > 1
+             else "int8, int8 dot")
+  assert notes[one_row][0] == "128x256 M=1"
+  assert "128x256 M=8" in notes["int8, int8 dot"]
   limits = report["bytes_limit"]["128x256"]
   # int8 values + one float32 scale per output channel, over float32.
   assert math.isclose(limits["W8A16"], (128 * 256 + 4 * 256) / (4 * 128 * 256))
@@ -42,7 +45,8 @@ def test_lowering_probe_small(tmp_path):
   for cell in cells:
     for mode, forms in lowering_probe.FORMULATIONS.items():
       for form in forms:
-        assert math.isfinite(cell[f"{mode}: {form}"])
+        if cell["M"] == 1 or "row reduce" not in form:
+          assert math.isfinite(cell[f"{mode}: {form}"])
   suggested = report["suggested"]
   assert suggested["min_rows"] in (1, 4)
   # The probe reports the fraction rounded to 4 decimals.
@@ -61,10 +65,18 @@ def test_lowering_probe_suggests_from_the_fastest_formulation():
                         ("W4A8 g128", w4a8)):
       out.update({f"{mode}: {f}": t for f, t in zip(forms[mode], times)})
     return out
-  cells = [cell(1, (5, 0.5), (4, 0.6), (1.4, 1.6, 6)),
-           cell(8, (0.5, 0.5), (3, 0.7), (1.5, 0.9, 3)),
-           cell(64, (0.4, 0.4), (2, 0.8), (4, 1.6, 1.5)),
-           cell(256, (0.3, 0.3), (1.3, 0.8), (20, 1.0, 3))]
+  # W8A8: unpadded, padded, (N, K) padded, (N, K) row reduce (one row
+  # only); W8A16: dequantized, parts, (N, K) parts, (N, K) row reduce.
+  cells = [cell(1, (5, 0.5, 0.45, 0.4), (4, 0.6, 0.5, 0.45), (1.4, 1.6, 6)),
+           cell(8, (0.5, 0.5, 0.4), (3, 0.7, 0.6), (1.5, 0.9, 3)),
+           cell(64, (0.4, 0.4, 0.4), (2, 0.8, 0.9), (4, 1.6, 1.5)),
+           cell(256, (0.3, 0.3, 0.3), (1.3, 0.8, 0.8), (20, 1.0, 3))]
   assert lowering_probe.suggest(cells, n=4096, groups=32) == {
-      "min_rows": 4, "weight_only_parts": round(3 * 256 / 4096, 4),
+      "min_rows": 4, "contract_last": True, "row_reduce": True,
+      "weight_only_parts": round(3 * 256 / 4096, 4),
       "grouped_rows": (1, 32 * 8)}
+  # The (N, K) layout loses at one row count: not stored so.
+  cells[2]["W8A8: (N, K) padded"] = 0.45
+  cells[0]["W8A16: (N, K) row reduce"] = 0.55
+  suggested = lowering_probe.suggest(cells, n=4096, groups=32)
+  assert not suggested["contract_last"] and not suggested["row_reduce"]

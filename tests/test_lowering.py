@@ -46,15 +46,17 @@ def dense(shape, n=48, dtype=jnp.float32, seed=0):
 
 
 def quantized(mode, shape):
-  """(model, recipe, quantized params, x) of a Dense layer in `mode`."""
+  """(model, recipe, params quantized for FAST, x) of a Dense in `mode`."""
   model, params, x = dense(shape)
   recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
-  return model, recipe, jq.quantize_params(model.apply, params, recipe, x), x
+  return model, recipe, jq.quantize_params(model.apply, params, recipe, x,
+                                           machine=FAST), x
 
 
 def run(model, params, x, mode, machine):
   recipe = jq.Recipe([jq.Rule(".*kernel", **MODES[mode])])
-  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  qparams = jq.quantize_params(model.apply, params, recipe, x,
+                               machine=machine)
   qapply = jax.jit(jq.quantized_apply(model.apply, recipe, machine=machine))
   op = jq.report(model.apply, qparams, recipe, x, machine=machine).ops[0]
   return qapply(qparams, x), qparams, op
@@ -85,15 +87,15 @@ def test_report_names_the_lowering():
   lows = {(m, mode): run(model, params, x, mode, m)[2].lowering
           for m in (FAST, PLAIN, "gpu")
           for mode in ("W8A8", "W8A16", "W4A16 g32")}
-  assert lows[FAST, "W8A8"] == "int8 dot, rows padded to 4"
-  assert lows[FAST, "W8A16"] == (
-      "int8 dot, activation as 3 int8 parts, rows padded to 4")
+  # One row on a weight stored (N, K): a float reduction over its codes.
+  assert lows[FAST, "W8A8"] == lows[FAST, "W8A16"] == lowering.ROW_REDUCE
   assert lows[FAST, "W4A16 g32"] == (
       "grouped int8 dot, activation as 3 int8 parts, rows padded to 4")
   assert lows[PLAIN, "W8A8"] == "int8 dot"
   assert lows[PLAIN, "W8A16"] == "float dot of the dequantized weight"
   assert lows[PLAIN, "W4A16 g32"] == "float dot of the dequantized weight"
-  assert lows["gpu", "W8A16"] == lows[FAST, "W8A16"]
+  assert lows["gpu", "W8A16"] == (
+      "int8 dot, activation as 3 int8 parts, rows padded to 4")
   # On a GPU per-group weights take the batched dot up to 64 stacked rows,
   # the float dot beyond (one dot per group: never).
   gpu = {m: (run(*dense((m, 96)), "W4A8 g32", "gpu")[2].lowering,
@@ -119,6 +121,8 @@ def test_report_names_the_lowering():
       # 3 groups x 1024 rows > 2048: float.
       1024: ("float dot of the quantized activation and dequantized weight",
              "float dot of the dequantized weight")}
+  assert run(*dense((3, 96)), "W8A8", FAST)[2].lowering == (
+      "int8 dot, rows padded to 4")
   # Per-channel weight-only parts while rows x 3 <= half the features.
   assert run(*dense((8, 96)), "W8A16", FAST)[2].lowering == (
       "int8 dot, activation as 3 int8 parts")
@@ -132,8 +136,10 @@ def test_report_names_the_lowering():
   assert run(model, params, x, "W8A8", FAST)[2].lowering == "int8 dot"
   # One-dimensional activations have no row axis to stack parts along.
   model, params, x = dense((96,))
-  assert run(model, params, x, "W8A16", FAST)[2].lowering == (
+  assert run(model, params, x, "W8A16", "gpu")[2].lowering == (
       "float dot of the dequantized weight")
+  assert run(model, params, x, "W8A16", FAST)[2].lowering == (
+      lowering.ROW_REDUCE)
   table = str(jq.report(model.apply, params, jq.Recipe(
       [jq.Rule(".*kernel", weight=jq.int8())]), x, machine=FAST))
   assert "lowering" in table.splitlines()[0]
@@ -155,10 +161,45 @@ def test_weight_only_parts_lower_to_int8_dots(mode):
 
 
 def test_padded_rows_keep_one_int8_dot_and_slice_them_off():
-  model, recipe, qparams, x = quantized("W8A8", (1, 96))
+  model, recipe, qparams, x = quantized("W8A8", (2, 96))
   text = jax.jit(jq.quantized_apply(model.apply, recipe, machine=FAST)).lower(
       qparams, x).as_text()
   assert re.search(r"dot_general[^\n]*tensor<4x96xi8>", text)
+
+
+@pytest.mark.parametrize("machine,order", [(FAST, (1, 0)), ("cpu/other", (1, 0)),
+                                           ("gpu", None), (PLAIN, None)])
+def test_weights_are_stored_contracted_axes_last_where_the_machine_says(
+    machine, order, tmp_path):
+  model, params, x = dense((3, 96))
+  recipe = jq.Recipe([jq.Rule(".*kernel", **MODES["W8A8"])])
+  q = jq.quantize_params(model.apply, params, recipe, x, machine=machine)
+  ref = jq.quantize_params(model.apply, params, recipe, x, machine=PLAIN)
+  k, k_ref = q["params"]["kernel"], ref["params"]["kernel"]
+  assert k.order == order and k.shape == (96, 48)
+  np.testing.assert_array_equal(
+      k.values, k_ref.values if order is None else k_ref.values.T)
+  np.testing.assert_array_equal(k.int_values(), k_ref.int_values())
+  np.testing.assert_array_equal(k.dequantize(), k_ref.dequantize())
+  # Saved and loaded as stored; loaded into another machine's layout.
+  jq.save(tmp_path / "q.jq", q)
+  assert jq.load(tmp_path / "q.jq", like=q)["params"]["kernel"].order == order
+  back = jq.load(tmp_path / "q.jq", like=ref)["params"]["kernel"]
+  assert back.order is None
+  np.testing.assert_array_equal(back.values, k_ref.values)
+
+
+def test_one_row_reduces_the_stored_int8_codes_without_a_dot():
+  model, recipe, qparams, x = quantized("W8A8", (1, 96))
+  assert qparams["params"]["kernel"].order == (1, 0)
+  f = jax.jit(jq.quantized_apply(model.apply, recipe, machine=FAST))
+  text = f.lower(qparams, x).as_text()
+  assert "dot_general" not in text
+  assert re.search(r"convert[^\n]*tensor<48x96xi8>", text)
+  assert re.search(r"reduce", text)
+  # Two rows: the int8 dot on the stored (N, K) layout.
+  x2 = jnp.concatenate([x, x])
+  assert _i8_dots(f, qparams, x2) == 1
 
 
 @pytest.mark.parametrize("dtype,parts", [(jnp.float32, 3), (jnp.bfloat16, 2),
@@ -193,9 +234,10 @@ def test_weight_only_parts_keep_nan_rows_to_themselves():
                                 rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("mode", ["W8A16", "W4A16 g32"])
-def test_weight_only_parts_have_the_float_gradient(mode):
-  model, recipe, qparams, x = quantized(mode, (2, 96))
+def test_weight_only_parts_have_the_float_gradient(mode, rows):
+  model, recipe, qparams, x = quantized(mode, (rows, 96))
   fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
   deq = jq.dequantize_tree(qparams)
   loss = lambda f, p: lambda x: jnp.sum(jnp.sin(f(p, x)))
@@ -255,3 +297,45 @@ def test_unknown_machine_raises():
   recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8())])
   with pytest.raises(ValueError, match="machine='tpu-v9'.*cpu/x86-vnni"):
     jq.quantized_apply(model.apply, recipe, machine="tpu-v9")(params, x)
+
+
+def _scan_layers(p, x):
+  def step(h, w):
+    return jnp.tanh(h @ w), None
+  return jax.lax.scan(step, x, p["w"])[0]
+
+
+# Weights of several layouts: (function, weight shape, activation shape
+# without rows, the order FAST stores).
+LAYOUTS = {
+    "two contracted axes": (lambda p, x: jnp.einsum("...hd,hdn->...n", x,
+                                                    p["w"]),
+                            (4, 24, 40), (4, 24), (2, 0, 1)),
+    "stored (n, k) already": (lambda p, x: x @ p["w"].T, (40, 64), (64,),
+                              None),
+    "transposed twice": (lambda p, x: x @ p["w"].T.T, (64, 40), (64,),
+                         (1, 0)),
+    "scan-stacked": (_scan_layers, (3, 32, 32), (32,), (0, 2, 1)),
+    "sliced": (lambda p, x: x @ p["w"][1], (2, 64, 40), (64,), None),
+    "two contractions": (lambda p, x: (x @ p["w"]) @ p["w"].T, (64, 40),
+                         (64,), None),
+}
+
+
+@pytest.mark.parametrize("mode,rows", [
+    ("W8A8", (1,)), ("W8A8", (3,)), ("W8A8 asym act", (1,)), ("W8A16", ()),
+    ("W8A16", (2, 1)), ("U8A16 asym", (1,))])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stored_layouts_compute_the_same_numbers(layout, mode, rows):
+  f, w_shape, x_shape, order = LAYOUTS[layout]
+  params = {"w": jax.random.normal(jax.random.key(0), w_shape)}
+  x = jax.random.normal(jax.random.key(1), rows + x_shape)
+  recipe = jq.Recipe([jq.Rule("w", **MODES[mode])])
+  stored = jq.quantize_params(f, params, recipe, x, machine=FAST)
+  plain = jq.quantize_params(f, params, recipe, x, machine=PLAIN)
+  assert stored["w"].order == order and plain["w"].order is None
+  ref = (jax.jit(jq.quantized_apply(f, recipe, machine=PLAIN))(plain, x)
+         if mode not in WEIGHT_ONLY else f(jq.dequantize_tree(plain), x))
+  for machine in (FAST, "cpu/other", PLAIN):
+    out = jax.jit(jq.quantized_apply(f, recipe, machine=machine))(stored, x)
+    assert rel_err(out, ref) < 2e-6, machine

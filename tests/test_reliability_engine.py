@@ -23,11 +23,15 @@ def w8(act):
 def test_long_contraction_does_not_overflow_int32(act):
   # 127 * 127 * 2**18 > 2**31: one int32 accumulator would wrap around.
   k = 2**18
-  params, x = {"w": jnp.ones((k, 2))}, jnp.ones((1, k))
+  # Two rows: an int8 dot (one row may reduce in float: `ROW_REDUCE`).
+  params, x = {"w": jnp.ones((k, 2))}, jnp.ones((2, k))
   qparams = jq.quantize_params(matmul, params, w8(act), x)
   qapply = jax.jit(jq.quantized_apply(matmul, w8(act)))
   np.testing.assert_allclose(np.asarray(qapply(qparams, x)),
-                             [[float(k), float(k)]], rtol=1e-6)
+                             [[float(k), float(k)]] * 2, rtol=1e-6)
+  one_row = jax.jit(jq.quantized_apply(matmul, w8(act)))(qparams, x[:1])
+  np.testing.assert_allclose(np.asarray(one_row), [[float(k)] * 2],
+                             rtol=1e-6)
   assert jq.report(matmul, qparams, w8(act), x).count("int8") == 1
   assert jq.int8_ops(qapply, qparams, x).stablehlo == 2  # split in two
 

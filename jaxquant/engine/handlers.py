@@ -13,9 +13,11 @@ import functools
 from jaxquant import numerics
 from jaxquant.engine import hessian, lowering, prescale
 from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
-                                     activation_scale, fake_quant_matmul,
-                                     fp8_matmul, grouped_int8_matmul,
-                                     int8_matmul, max_terms, static_act)
+                                     activation_scale, contracted_last,
+                                     fake_quant_matmul, fp8_matmul,
+                                     grouped_int8_matmul, int8_matmul,
+                                     max_terms, row_reduce_matmul, static_act,
+                                     stored_usable)
 from jaxquant.engine.lowering import Lowering
 from jaxquant.engine.payloads import (GROUP_MOVED, DequantizedPayload,
                                       GroupPayload, QuantPayload)
@@ -185,9 +187,29 @@ def _prescaled(eqn, site: Site, invals) -> list:
   return invals
 
 
-def _int8_kernel(payload):
+def _int8_kernel(payload, how: Lowering):
+  if how.kernel == lowering.ROW_REDUCE:
+    return row_reduce_matmul
   return (grouped_int8_matmul if isinstance(payload, GroupPayload)
           else int8_matmul)
+
+
+def _in_usable_order(site: Site, invals) -> list:
+  """`invals` with the weight's values in the logical layout where the
+  kernels cannot address their stored order (`kernels.stored_usable`)."""
+  w = invals[site.weight_index]
+  if not isinstance(w.payload, QuantPayload) or stored_usable(site,
+                                                              w.payload):
+    return invals
+  invals = list(invals)
+  invals[site.weight_index] = dataclasses.replace(
+      w, payload=w.payload.in_logical_order())
+  return invals
+
+
+def _stored_last(site: Site, payload) -> bool:
+  return isinstance(payload, QuantPayload) and contracted_last(
+      site, payload.order)
 
 
 def _groups(site: Site, payload) -> int:
@@ -293,7 +315,8 @@ class QuantizedHandler(Handler):
       return bind_plain(eqn, invals)
     if isinstance(payload, QuantPayload) and payload.in_scale is not None:
       invals = _prescaled(eqn, site, invals)
-      payload = invals[site.weight_index].payload
+    invals = _in_usable_order(site, invals)
+    payload = invals[site.weight_index].payload
     if rule is None or rule.act is None:
       return self._weight_only(eqn, site, invals, record,
                                "no activation spec")
@@ -311,11 +334,12 @@ class QuantizedHandler(Handler):
     emulated = conv and not lowering.int8_conv_native()
     reason = "; ".join(filter(None, [
         static, lowering.INT8_CONV_EMULATED if emulated else ""]))
-    how = lowering.choose_int8(site, _groups(site, payload), self.machine)
+    how = lowering.choose_int8(site, _groups(site, payload), self.machine,
+                               _stored_last(site, payload))
     record(INT8, reason, act, how)
     if how.kernel == lowering.FAKE_QUANT_DOT:
       return [fake_quant_matmul(eqn, site, x, payload, rule.act)]
-    return [_int8_kernel(payload)(eqn, site, x, payload, rule.act, how)]
+    return [_int8_kernel(payload, how)(eqn, site, x, payload, rule.act, how)]
 
   def _weight_only(self, eqn, site, invals, record, reason, act_spec=None):
     """A float activation times a quantized weight: an int8 dot on the
@@ -328,11 +352,12 @@ class QuantizedHandler(Handler):
       plain = dataclasses.replace(payload, act=None)
       if not int_path_problem(site, plain, PARTS_SPEC, eqn.params):
         how = lowering.choose_weight_only(site, _groups(site, payload),
-                                          x.dtype, self.machine)
+                                          x.dtype, self.machine,
+                                          _stored_last(site, payload))
     record(WEIGHT_ONLY, reason, act_spec, how)
-    if not how.act_parts:
+    if not how.act_parts and how.kernel != lowering.ROW_REDUCE:
       return bind_plain(eqn, invals)
-    return [_int8_kernel(payload)(eqn, site, x, payload, None, how)]
+    return [_int8_kernel(payload, how)(eqn, site, x, payload, None, how)]
 
   def _record(self, eqn, invals, site, mode, reason, act_spec=None,
               how: Lowering | None = None, *, mismatch=None, method=""):

@@ -35,6 +35,7 @@ from jaxquant import numerics
 from jaxquant.engine.lowering import (INT8_DOT, PER_GROUP_DOTS, Lowering,
                                      free_axes, int8_conv_native)
 from jaxquant.engine.payloads import GroupPayload, QuantPayload
+from jaxquant.qarray import logical
 from jaxquant.spec import QuantSpec
 from jaxquant.transform import layout
 from jaxquant.transform.site import Site
@@ -370,7 +371,8 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
   codes, sx, zx, act_spec = activation_codes(x, site, payload, act_spec,
                                              lowering)
   qw, zw = _signed(payload.values, payload.zero_point, payload.spec)
-  params = dict(eqn.params, preferred_element_type=jnp.int32)
+  params = dict(stored_dims(eqn.params, site, payload),
+                preferred_element_type=jnp.int32)
   if "precision" in params:
     params["precision"] = None
   if site.primitive == "conv_general_dilated" and not int8_conv_native():
@@ -384,6 +386,8 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
   rows = RowStack(site, codes[0].shape, lowering)
   qx = rows.stack(codes)
   terms, dims = contraction(site, eqn.params)
+  if dims is not None:
+    dims = (dims[0], payload.stored_axis(dims[1]))
   acc = accumulate(bind, qx, qw, dims, terms,
                    max_terms(payload.spec, act_spec))
   if site.primitive == "conv_general_dilated":
@@ -401,13 +405,91 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
     acc = acc - to_w(zw) * to_x(rowsum)
   acc = rows.combine(acc)
   if zx is not None:
-    colsum = jnp.sum(qw, site.weight_contract, jnp.int32, keepdims=True)
+    colsum = logical(jnp.sum(qw, tuple(map(
+        payload.stored_axis, site.weight_contract)), jnp.int32,
+        keepdims=True), payload.order)
     acc = acc - to_x(zx) * to_w(colsum)
     if zw is not None:
       k = layout.contracted_size(qx.shape, site.act_contract)
       acc = acc + k * to_x(zx) * to_w(zw)
   out = _rescaled(eqn, site, acc, sx, payload.scale)
   return _finished(eqn, site, out, x, payload, lowering)
+
+
+def stored_dims(params, site: Site, payload):
+  """`dot_general` parameters addressing the weight's values as stored
+  (`QuantPayload.order`: its free axes keep their relative order, so the
+  output layout is the same)."""
+  if payload.order is None:
+    return params
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  at = lambda dims: tuple(map(payload.stored_axis, dims))
+  if site.weight_index == 0:
+    lc, lb = at(lc), at(lb)
+  else:
+    rc, rb = at(rc), at(rb)
+  return dict(params, dimension_numbers=((lc, rc), (lb, rb)))
+
+
+def stored_usable(site: Site, payload) -> bool:
+  """Whether the int8 kernels can address `payload`'s values as stored: an
+  integer `dot_general` weight whose free axes keep their relative order
+  (else the handler passes the logical layout)."""
+  if payload.order is None:
+    return True
+  free = free_axes(len(payload.order), site.weight_contract,
+                   site.weight_batch)
+  return (site.primitive == "dot_general" and payload.spec.format == "int"
+          and [a for a in payload.order if a in free] == free)
+
+
+def contracted_last(site: Site, order) -> bool:
+  """Whether values stored in `order` hold the weight's free axes first,
+  in their logical order, and its contracted axes last (no batch axes):
+  the layout `row_reduce_matmul` reads and `stored_dims` needs."""
+  if order is None or site.weight_batch:
+    return False
+  n_free = len(order) - len(site.weight_contract)
+  free = free_axes(len(order), site.weight_contract, ())
+  return (list(order[:n_free]) == free
+          and set(order[n_free:]) == set(site.weight_contract))
+
+
+def row_reduce_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
+                      lowering: Lowering):
+  """A one-row matmul as a float reduction over the stored int8 codes.
+
+  With the weight stored contracted-axes-last (`contracted_last`) and one
+  activation row, `out[n] = s_w[n] sum_k q_w[n, k] v[k]` with `v = x`
+  (weight-only: exactly `x . dequantized(w)`) or `v = s_x (q_x - z_x)`
+  (int8 activations: the int8 kernel's numbers, accumulated in float32).
+  XLA:CPU streams the int8 codes through this reduction in one fused loop,
+  where its int8 dot has no one-row path (`lowering.ROW_REDUCE`).
+  """
+  del lowering
+  if act_spec is None:
+    v, sx = x.astype(jnp.float32), jnp.float32(1)
+  else:
+    qx, sx, zx, _ = quantized_activation(x, site, payload, act_spec)
+    v = qx.astype(jnp.float32) - (0.0 if zx is None else zx)
+  n_free = len(payload.order) - len(site.weight_contract)
+  stored_contract = payload.order[n_free:]
+  # The activation's contracted axes, in the order the weight stores them.
+  paired = [site.act_contract[site.weight_contract.index(d)]
+            for d in stored_contract]
+  v = jnp.transpose(v, free_axes(v.ndim, site.act_contract, ()) + paired)
+  v = v.reshape(v.shape[v.ndim - len(paired):])
+  axes = tuple(range(n_free, len(payload.order)))
+  w = payload.values.astype(jnp.float32)
+  if payload.zero_point is not None:
+    w = w - jnp.transpose(payload.zero_point, payload.order)
+  acc = jnp.sum(w * v, axis=axes)
+  sw = jnp.squeeze(payload.scale, site.weight_contract)
+  out = (acc * sw * jnp.reshape(sx, ())).reshape(eqn.outvars[0].aval.shape)
+  out = out.astype(eqn.outvars[0].aval.dtype)
+  if act_spec is None:
+    return exact_weight_only(eqn, site, out, x, payload)
+  return no_grad_through(out, x)
 
 
 def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):

@@ -31,6 +31,13 @@ The choices, decided at trace time from static shapes and the machine:
   (groups x rows x features) outweigh the dot, where the float dot of the
   dequantized weight (and, with int8 activations, of the quantized
   activation: the same numbers up to float rounding) wins.
+- **Stored layout and one row.** `quantize_params` stores an int8 weight
+  with its contracted axes last (`QArray.order`, `stored_order`): XLA:CPU's
+  int8 dot is as fast or faster on that layout at every row count (4096 x
+  4096, 1-256 rows: 0.28-0.60x float vs 0.29-0.92x for the `(K, N)`
+  layout), and with one row a float reduction over the stored codes
+  (`kernels.row_reduce_matmul`) streams them at 0.43-0.64x float, weight-only
+  included, where no int8 dot has a one-row path.
 - **Backends.** XLA:GPU and XLA:TPU fuse the int -> float conversion into
   their GEMMs and have fast int8 paths: weight-only keeps the dequantized
   float dot, int8 dots are not padded.
@@ -88,6 +95,7 @@ class Lowering:
 INT8_DOT, GROUPED_DOT, FP8_DOT = "int8 dot", "grouped int8 dot", "fp8 dot"
 PER_GROUP_DOTS = "int8 dot per group"
 DEQUANTIZED = "float dot of the dequantized weight"
+ROW_REDUCE = "float row reduction over the stored int8 weight"
 FAKE_QUANT_DOT = "float dot of the quantized activation and dequantized weight"
 FLOAT_DOT = "float dot"
 
@@ -111,19 +119,31 @@ class Profile:
       int8 dot per group; beyond, a float dot of the (quantized) activation
       and the dequantized weight. None: always the batched int8 dot with
       int8 activations, the dequantized float dot weight-only.
+    contract_last: `quantize_params` stores per-channel integer weights
+      with their contracted axes last (`stored_order`).
+    row_reduce: a one-row matmul on a weight stored so runs as a float
+      reduction over its codes (`ROW_REDUCE`).
     evidence: the measurements behind the row.
   """
 
   min_rows: int = 1
   weight_only_parts: float = 0.0
   grouped_rows: tuple[int, int] | None = None
+  contract_last: bool = False
+  row_reduce: bool = False
   evidence: str = ""
 
 
 PROFILES = {
     "cpu/x86-vnni": Profile(
         min_rows=4, weight_only_parts=0.5, grouped_rows=(4, 2048),
+        contract_last=True, row_reduce=True,
         evidence=(
+            "Stored (N, K), 4096 x 4096 / 4096 x 11008 (issue 10 probe, "
+            "same run): int8 dot padded to 4 rows 0.58-0.60x float at 1 row,"
+            " 0.36-0.48x at 2-16, 0.27-0.31x at 64-256, vs 0.91-0.92x, "
+            "0.53-0.67x, 0.29-0.37x stored (K, N); one-row float reduction "
+            "over the codes 0.47-0.56x (W8A8), 0.43-0.64x (weight-only). "
             "2-core AMD EPYC (AVX-512 VNNI), jax 0.12, 4096 x 4096, time / "
             "float32 dot (experiments.decode, experiments.lowering_probe): "
             "dot(s8,s8) 1 row 7.4x, padded to 4 rows 0.7-0.9x; 2-256 rows "
@@ -138,11 +158,14 @@ PROFILES = {
             "0.35-0.53x vs float 0.90-0.96x at 256-1024 rows, 1.9x vs 1.05x"
             " at 2560.")),
     "cpu/other": Profile(
-        min_rows=4,
+        min_rows=4, contract_last=True,
         evidence=(
             "AVX2-only AMD EPYC, jaxlib 0.10.2 (issue 10): dot(s8,s8) 1 row "
             "5.6x float, padded to 4 rows ~1.0x; at prefill 1.06x, so "
-            "weight-only int8 parts (3 dots) would lose to the float dot.")),
+            "weight-only int8 parts (3 dots) would lose to the float dot. "
+            "Stored (N, K) (../shared/probes/matvec_formulations.py): int8 "
+            "dot padded to 4 rows 1.0x float at 1 row, 0.22x at 4; a one-row "
+            "float reduction over the codes 27x (2 rows: 0.74x), so none.")),
     "gpu": Profile(
         min_rows=4, weight_only_parts=0.5, grouped_rows=(64, 0),
         evidence=(
@@ -255,20 +278,48 @@ def _grouped(site, prof: Profile, parts: int, groups: int
   return None
 
 
-def choose_int8(site, groups: int, key=None) -> Lowering:
+def stored_order(sites, spec, ndim: int, key=None) -> tuple | None:
+  """The axis order `quantize_params` stores a weight's codes in: its free
+  axes, then its contracted ones, where machine `key` has `contract_last`
+  and every matmul of the weight is a `dot_general` on the parameter itself
+  (up to transposes and casts) contracting the same axes; else None."""
+  contract = {s.param_contract for s in sites}
+  if not (profile(key).contract_last and sites and len(contract) == 1
+          and spec.format == "int" and spec.granularity != "group"
+          and all(s.primitive == "dot_general" and not s.regrouped
+                  and not s.weight_batch for s in sites)):
+    return None
+  (contract,) = contract
+  order = tuple(sorted(set(range(ndim)) - contract)) + tuple(sorted(contract))
+  return None if order == tuple(range(ndim)) else order
+
+
+def _row_reduce(site, prof: Profile, stored_last: bool) -> bool:
+  return (stored_last and prof.row_reduce and site.primitive == "dot_general"
+          and rows(site) == 1)
+
+
+def choose_int8(site, groups: int, key=None, stored_last: bool = False
+                ) -> Lowering:
   """The lowering of an int8 x int8 matmul (W8A8, W4A8: `groups` > 0 weight
   groups along the contraction) on machine `key` (a `PROFILES` key or a
-  `Profile`; None: this machine)."""
+  `Profile`; None: this machine); `stored_last`: the weight's codes are
+  stored contracted axes last (`kernels.contracted_last`)."""
   prof = profile(key)
+  if not groups and _row_reduce(site, prof, stored_last):
+    return Lowering(ROW_REDUCE)
   if not groups:
     return Lowering(INT8_DOT, _padding(site, prof, 1))
   return _grouped(site, prof, 0, groups) or Lowering(FAKE_QUANT_DOT)
 
 
-def choose_weight_only(site, groups: int, act_dtype, key=None) -> Lowering:
+def choose_weight_only(site, groups: int, act_dtype, key=None,
+                       stored_last: bool = False) -> Lowering:
   """The lowering of a weight-only matmul on a quantized integer weight."""
   prof = profile(key)
   parts = act_parts(act_dtype)
+  if parts and not groups and _row_reduce(site, prof, stored_last):
+    return Lowering(ROW_REDUCE)
   # Parts are stacked along a free (row) axis of the activation.
   if not (parts and site.primitive == "dot_general" and has_row_axis(site)):
     return Lowering(DEQUANTIZED)

@@ -6,6 +6,11 @@ both; `GroupPayload` carries per-group scales and follows dtype casts only;
 `DequantizedPayload` is a weight that can only run weight-only. An
 `in_scale` (AWQ / SmoothQuant) travels like a scale; the matmul handler
 divides the activation by it (`prescale_problem` says when it cannot).
+
+Codes stored in another axis order (`QArray.order`) stay in it: a
+transpose only changes the recorded order, and the int8 kernels address
+the stored layout (`stored_dims`); any other consumer gets the codes back
+in the logical layout (`in_logical_order`), at the cost of a transpose.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import numerics
-from jaxquant.qarray import ActQuant, QArray, unscaled
+from jaxquant.qarray import ActQuant, QArray, logical, unscaled
 from jaxquant.spec import QuantSpec
 from jaxquant.transform.interpreter import LayoutRule
 from jaxquant.transform.tagged import FloatPayload
@@ -29,7 +34,8 @@ GROUP_MOVED = ("per-group weight reshaped, sliced or broadcast before its "
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantPayload:
-  """Integer values and keepdims scales, in the layout of the current value."""
+  """Integer values and keepdims scales, in the layout of the current value
+  (the values in storage `order` when it is not None: see the module doc)."""
 
   values: jax.Array
   scale: jax.Array
@@ -38,6 +44,9 @@ class QuantPayload:
   dtype: Any = dataclasses.field(metadata=dict(static=True))
   act: ActQuant | None = None  # static activation quantization
   in_scale: jax.Array | None = None  # the values hold W * in_scale
+  # The current value's axes in the order `values` stores them; None: as is.
+  order: tuple[int, ...] | None = dataclasses.field(
+      default=None, metadata=dict(static=True))
 
   @staticmethod
   def of(q: QArray) -> "QuantPayload":
@@ -46,11 +55,24 @@ class QuantPayload:
             q.in_scale)
     if q.spec.granularity == "group":
       return GroupPayload(*args, group_dim=q.spec.group_axis)
-    return QuantPayload(*args)
+    stored = numerics.decode(q.stored_codes(), q.spec)
+    return QuantPayload(stored, *args[1:], order=q.order)
+
+  def in_logical_order(self) -> "QuantPayload":
+    """This payload with its values in the logical layout."""
+    if self.order is None:
+      return self
+    return dataclasses.replace(self, values=logical(self.values, self.order),
+                               order=None)
+
+  def stored_axis(self, axis: int) -> int:
+    """Where logical axis `axis` of the values is stored."""
+    return axis if self.order is None else self.order.index(axis)
 
   def materialize(self):
     return unscaled(numerics.dequantize_with_scale(
-        self.values, self.scale, self.zero_point, self.dtype), self.in_scale)
+        logical(self.values, self.order), self.scale, self.zero_point,
+        self.dtype), self.in_scale)
 
   def apply(self, eqn, others, rule: LayoutRule):
     params = eqn.params
@@ -58,6 +80,10 @@ class QuantPayload:
       if not jnp.issubdtype(params["new_dtype"], jnp.floating):
         return None
       return dataclasses.replace(self, dtype=params["new_dtype"])
+    if self.order is not None:
+      if eqn.primitive.name == "transpose":
+        return self._transposed(params["permutation"], rule, eqn, others)
+      self = self.in_logical_order()
     in_shape = eqn.invars[0].aval.shape
     out_shape = eqn.outvars[0].aval.shape
     moved = [None if a is None else rule.scale(params, a, in_shape, out_shape,
@@ -71,18 +97,35 @@ class QuantPayload:
     return dataclasses.replace(self, values=values, scale=scale, zero_point=zp,
                                in_scale=in_scale)
 
+  def _transposed(self, perm, rule, eqn, others):
+    """The transposed value: the same stored values, a new order (the
+    logical axis `perm[j]` becomes axis j)."""
+    shapes = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    move = lambda a: None if a is None else rule.scale(eqn.params, a, *shapes,
+                                                       others)
+    return dataclasses.replace(
+        self, scale=move(self.scale), zero_point=move(self.zero_point),
+        in_scale=move(self.in_scale),
+        order=tuple(list(perm).index(a) for a in self.order))
+
   def stackable(self, length):
     """Every leaf with `length` on axis 0, for `lax.scan` to slice.
 
     Weight scales are broadcast along the stacked axis; see
-    `ActQuant.stacked` for the activation's.
+    `ActQuant.stacked` for the activation's. Stored values keep their
+    order when it leaves axis 0 first (the order recorded is the one of a
+    slice).
     """
     def stack(a):
       return None if a is None else jnp.broadcast_to(
           a, (length,) + a.shape[1:])
+    if self.order is not None and self.order[0] != 0:
+      self = self.in_logical_order()
+    order = None if self.order is None else tuple(
+        a - 1 for a in self.order[1:])
     return dataclasses.replace(
         self, scale=stack(self.scale), zero_point=stack(self.zero_point),
-        in_scale=stack(self.in_scale),
+        in_scale=stack(self.in_scale), order=order,
         act=None if self.act is None else self.act.stacked(length))
 
 
