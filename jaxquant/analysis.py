@@ -96,6 +96,7 @@ class _CompareHandler(Handler):
     pair = invals[site.weight_index].payload
     x = value(invals[site.act_index])
     x_s, quant = engine.prescaled(x, pair.quant, site, eqn.params)
+    quant = engine.in_usable_order(quant, site)
     if rule.act is not None and not engine.int_path_problem(
         site, quant, rule.act, eqn.params):
       approx = (engine.int8_matmul(eqn, site, x_s, quant, rule.act)

@@ -29,9 +29,11 @@ def test_long_contraction_does_not_overflow_int32(act):
   qapply = jax.jit(jq.quantized_apply(matmul, w8(act)))
   np.testing.assert_allclose(np.asarray(qapply(qparams, x)),
                              [[float(k), float(k)]] * 2, rtol=1e-6)
+  # One row may sum the int8 products in float32 (`lowering.ROW_REDUCE`):
+  # float32 rounding over 2^18 terms, as a float matmul would have.
   one_row = jax.jit(jq.quantized_apply(matmul, w8(act)))(qparams, x[:1])
   np.testing.assert_allclose(np.asarray(one_row), [[float(k)] * 2],
-                             rtol=1e-6)
+                             rtol=1e-4)
   assert jq.report(matmul, qparams, w8(act), x).count("int8") == 1
   assert jq.int8_ops(qapply, qparams, x).stablehlo == 2  # split in two
 

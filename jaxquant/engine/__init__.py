@@ -12,7 +12,8 @@ from jaxquant.engine import lowering
 from jaxquant.engine.handlers import (FLOAT, FP8, INT8, WEIGHT_ONLY,
                                       FakeQuantHandler, ObserveHandler,
                                       OpRecord, QuantizedHandler,
-                                      check_act_specs, int_path_problem,
+                                      check_act_specs, in_usable_order,
+                                      int_path_problem,
                                       params_recipe_mismatch, prescaled,
                                       spec_problem)
 from jaxquant.engine.kernels import (dynamic_act_scale, fp8_matmul,

@@ -194,16 +194,20 @@ def _int8_kernel(payload, how: Lowering):
           else int8_matmul)
 
 
+def in_usable_order(payload, site: Site):
+  """`payload`, with its values in the logical layout where the kernels
+  cannot address their stored order (`kernels.stored_usable`)."""
+  if not isinstance(payload, QuantPayload) or stored_usable(site, payload):
+    return payload
+  return payload.in_logical_order()
+
+
 def _in_usable_order(site: Site, invals) -> list:
-  """`invals` with the weight's values in the logical layout where the
-  kernels cannot address their stored order (`kernels.stored_usable`)."""
+  """`invals` with the weight's payload `in_usable_order`."""
   w = invals[site.weight_index]
-  if not isinstance(w.payload, QuantPayload) or stored_usable(site,
-                                                              w.payload):
-    return invals
   invals = list(invals)
   invals[site.weight_index] = dataclasses.replace(
-      w, payload=w.payload.in_logical_order())
+      w, payload=in_usable_order(w.payload, site))
   return invals
 
 
