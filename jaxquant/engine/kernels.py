@@ -480,7 +480,11 @@ def row_reduce_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
   v = jnp.transpose(v, free_axes(v.ndim, site.act_contract, ()) + paired)
   v = v.reshape(v.shape[v.ndim - len(paired):])
   axes = tuple(range(n_free, len(payload.order)))
-  w = payload.values.astype(jnp.float32)
+  # Tied to this step's activation: in a decode loop XLA would otherwise
+  # hoist the weight's conversion out of the loop, and stream a float32
+  # copy every step (1.7x float, against 0.55x tied, 16-step loop).
+  w, v = lax.optimization_barrier((payload.values, v))
+  w = w.astype(jnp.float32)
   if payload.zero_point is not None:
     w = w - jnp.transpose(payload.zero_point, payload.order)
   acc = jnp.sum(w * v, axis=axes)
