@@ -134,6 +134,21 @@ def _mse_shrink(x, lo, hi, spec, axes):
   return lo * best, hi * best
 
 
+def where(cond, a, b):
+  """`jnp.where(cond, a, b)` written with `lax.select`.
+
+  `jnp.where` (like `jnp.round`, `jnp.clip`, `jnp.isinf`) is a jitted
+  function, lowered as one private function call per use: a few per
+  quantized matmul, which XLA compiles and inlines (compile time on deep
+  models). The result dtype is `a`'s (or float32 for Python scalars).
+  """
+  dtype = getattr(a, "dtype", None) or getattr(b, "dtype", None) or (
+      jnp.float32)
+  shape = jnp.broadcast_shapes(jnp.shape(cond), jnp.shape(a), jnp.shape(b))
+  full = lambda v: jnp.broadcast_to(jnp.asarray(v, dtype), shape)
+  return jax.lax.select(jnp.broadcast_to(cond, shape), full(a), full(b))
+
+
 def scale_from_range(lo, hi, spec: QuantSpec):
   """Scale and zero point (None when symmetric) for the range [lo, hi]."""
   lo = jnp.asarray(lo, jnp.float32)
@@ -143,7 +158,7 @@ def scale_from_range(lo, hi, spec: QuantSpec):
     # Multiply by a reciprocal: XLA rewrites division by a constant that way
     # under jit, and eager and jitted scales must agree bit for bit.
     scale = top * np.float32(1.0 / spec.qmax)
-    scale = jnp.where(top > 0, jnp.maximum(scale, _TINY), 1.0)
+    scale = where(top > 0, jnp.maximum(scale, _TINY), 1.0)
     return scale, None
   step = np.float32(1.0 / (spec.qmax - spec.qmin))
   width = hi - lo
@@ -172,7 +187,7 @@ def nan_to_scale(x: jax.Array, scale: jax.Array, spec: QuantSpec):
 def round_values(v: jax.Array, spec: QuantSpec, key=None) -> jax.Array:
   """Round-to-nearest-even, or stochastic rounding E[round(v)] = v."""
   if spec.rounding == "nearest":
-    return jnp.round(v)
+    return jax.lax.round(v, jax.lax.RoundingMethod.TO_NEAREST_EVEN)
   if key is None:
     raise ValueError("rounding='stochastic' needs a PRNG key: pass key=")
   return jnp.floor(v + jax.random.uniform(key, v.shape, v.dtype))
@@ -192,7 +207,8 @@ def quantize_with_scale(x, scale, zero_point, spec: QuantSpec, key=None):
     return formats.encode(v, spec.format)
   if zero_point is not None:
     v = v + zero_point
-  q = jnp.clip(round_values(v, spec, key), spec.qmin, spec.qmax)
+  q = jax.lax.clamp(np.float32(spec.qmin), round_values(v, spec, key),
+                    np.float32(spec.qmax))
   return q.astype(storage_dtype(spec))
 
 

@@ -185,17 +185,19 @@ def dynamic_act_scale(x, site: Site, spec: QuantSpec):
     return poisoned(scale, x, site), zero_point
   lo, hi = _range(x, site.act_contract, spec, nan=jnp.inf)
   scale, zero_point = numerics.scale_from_range(lo, hi, spec)
-  return jnp.where(jnp.isinf(hi - lo), jnp.nan, scale), zero_point
+  return numerics.where(jnp.abs(hi - lo) == jnp.inf, jnp.nan, scale), (
+      zero_point)
 
 
 def _range(x, axes, spec: QuantSpec, nan: float):
   """(lo, hi) of `x` over `axes` (keepdims), with NaN read as +-`nan`."""
   if spec.symmetric:
-    hi = jnp.max(jnp.where(jnp.isnan(x), nan, jnp.abs(x)), axis=axes,
+    hi = jnp.max(numerics.where(jnp.isnan(x), nan, jnp.abs(x)), axis=axes,
                  keepdims=True)
     return -hi, hi
-  lo = jnp.min(jnp.where(jnp.isnan(x), -nan, x), axis=axes, keepdims=True)
-  hi = jnp.max(jnp.where(jnp.isnan(x), nan, x), axis=axes, keepdims=True)
+  lo = jnp.min(numerics.where(jnp.isnan(x), -nan, x), axis=axes,
+               keepdims=True)
+  hi = jnp.max(numerics.where(jnp.isnan(x), nan, x), axis=axes, keepdims=True)
   return lo, hi
 
 
