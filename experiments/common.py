@@ -313,17 +313,19 @@ def median_seconds(fn: Callable, args, calls: int) -> float:
 
 
 def time_rounds(variants: dict, rounds: int, calls: int, *, seed: int = 0,
-                desc: str = "timing") -> dict[str, list[float]]:
+                desc: str = "timing", warmup: bool = True
+                ) -> dict[str, list[float]]:
   """Seconds per call of each variant in each of `rounds` rounds.
 
   `variants`: name -> `(fn, args)`. Every variant is called once first
-  (compilation, warm caches). Each round times every variant once, as the
-  median of `calls` calls, in a fresh random order (from `seed`), so that a
-  slow spell of a shared machine spreads over all variants; compare
-  variants by their per-round ratios (`median_ratios`).
+  (compilation, warm caches; `warmup=False` skips that call, where the
+  caller ran each on these arguments already). Each round times every
+  variant once, as the median of `calls` calls, in a fresh random order
+  (from `seed`), so that a slow spell of a shared machine spreads over all
+  variants; compare variants by their per-round ratios (`median_ratios`).
   """
   import jax
-  for fn, args in variants.values():
+  for fn, args in variants.values() if warmup else ():
     jax.block_until_ready(fn(*args))
   names = list(variants)
   times = {name: [] for name in names}

@@ -74,9 +74,11 @@ Writes results.md, results.json and minilm.png to results/minilm/ (or
 --out) and prints the table. The full run uses all 353 + 999 pairs, 512
 sentences, 7 timing rounds of 5 calls and 8 noise-floor repeats (36 min
 on 2 cores shared with other jobs, load average about 8); --quick (CI,
-about 2 min there) 60 pairs per word set, 32 sentences, one timing round
-of one call and no repeats. --seed (default 0) seeds the noise-floor
-perturbations and the timing order.
+about 1.2 min there) 60 pairs per word set (their words in one batch
+padded to a multiple of 8 tokens, not 16), 32 sentences cut to their
+first 32 tokens (QUICK_MAX_LENGTH), one timing round of one call (no
+warm-up call) and no repeats. --seed (default 0) seeds the
+noise-floor perturbations and the timing order.
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ CALIBRATION_BATCH = 32
 EVAL_SENTENCES = {True: 32, False: 512}  # --quick, full
 MATMUL_MODES = ("int8", "fp8", "weight-only", "float")
 WORD_SETS = ("wordsim353", "simlex999")
-MAX_LENGTH = 128
+MAX_LENGTH = 128  # tokens per text, as `minilm_model.encode`
+QUICK_MAX_LENGTH = 32  # --quick: sentences cut to their first 32 tokens
 JITTER_EPS = 1e-5  # relative noise on the word embeddings (noise floor)
 SPEED_NOTE = ("Embeddings/s are CPU-dependent (measured on {cpu}, {cores} "
               "cores, batch {batch} x {length} tokens, 1-min load average "
@@ -250,20 +253,22 @@ def word_pairs(count: int | None) -> dict[str, list]:
   return out
 
 
-def tokenize(tokenizer, texts, batch_size: int):
+def tokenize(tokenizer, texts, batch_size: int, multiple: int = 16,
+             max_length: int = MAX_LENGTH):
   """Batches of (input_ids, attention_mask, token_type_ids) int32 arrays.
 
-  Like `minilm_model.encode`: truncated to MAX_LENGTH tokens and padded to
-  a multiple of 16. The last batch is padded with empty rows (mask 0) to
-  `batch_size`, so each variant compiles once per padded length. Tokenized
-  once and shared by all variants.
+  Like `minilm_model.encode`: truncated to `max_length` (MAX_LENGTH) tokens
+  and padded to a multiple of `multiple` (16, as `encode`). The last batch
+  is padded with empty rows (mask 0) to `batch_size`, so each variant
+  compiles once per padded length. Tokenized once and shared by all
+  variants.
   """
-  tokenizer.enable_truncation(max_length=MAX_LENGTH)
+  tokenizer.enable_truncation(max_length=max_length)
   batches = []
   for start in range(0, len(texts), batch_size):
     encodings = tokenizer.encode_batch(list(texts[start:start + batch_size]))
     longest = max(len(e.ids) for e in encodings)
-    length = min(-(-longest // 16) * 16, MAX_LENGTH)
+    length = min(-(-longest // multiple) * multiple, max_length)
     arrays = np.zeros((3, batch_size, length), np.int32)
     for row, e in enumerate(encodings):
       arrays[:, row, :len(e.ids)] = (e.ids, e.attention_mask, e.type_ids)
@@ -376,12 +381,14 @@ def word_spearman(emb: dict, pairs) -> float:
   return spearman(cosine, [score for *_, score in pairs])
 
 
-def timing(variants, batch, rounds: int, calls: int, seed: int = 0):
+def timing(variants, batch, rounds: int, calls: int, seed: int = 0,
+           warmup: bool = True):
   """Seconds per batch per round (`common.time_rounds`: every variant once
   per round, in a fresh random order)."""
   return common.time_rounds(
       {name: (fn, (params, *batch)) for name, (fn, params, _) in
-       variants.items()}, rounds, calls, seed=seed, desc="timing rounds")
+       variants.items()}, rounds, calls, seed=seed, desc="timing rounds",
+      warmup=warmup)
 
 
 def with_perturbed_embeddings(params, eps: float, seed: int):
@@ -456,8 +463,20 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
   calib_sentences = calibration_sentences(tokenizer)
   assert not set(calib_sentences) & (set(sentences) | set(words))
   calibration = calibration_batches(tokenizer, calib_sentences)
-  word_batches = tokenize(tokenizer, words, 256)
-  sentence_batches = tokenize(tokenizer, sentences, 32)
+  if quick:
+    # One batch of the words (219 here: 224 rows), padded to a multiple of
+    # 8 tokens (the words are 3 to 6 tokens with [CLS] and [SEP]): 0.44x the
+    # tokens of the full run's 256 x 16 batches, whose compute (variants x
+    # tokens) dominates the quick run's forward passes. The attention mask
+    # and the mean pooling skip padding either way.
+    word_batches = tokenize(tokenizer, words, -(-len(words) // 32) * 32, 8)
+  else:
+    word_batches = tokenize(tokenizer, words, 256)
+  # (--quick: cut to 32 tokens, half the padded 32 x 64 batch the full
+  # sentences need; this batch is also the timing batch)
+  max_length = QUICK_MAX_LENGTH if quick else MAX_LENGTH
+  sentence_batches = tokenize(tokenizer, sentences, 32,
+                              max_length=max_length)
   speed_batch = sentence_batches[0]
 
   names = [n for n in RECIPES if not (quick and n in QUICK_SKIP)]
@@ -483,7 +502,10 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
                                            len(words))))
     sent_emb[name] = embed(fn, params, sentence_batches, len(sentences))
 
-  seconds = timing(variants, speed_batch, rounds, calls, seed)
+  # (--quick: no warm-up call, the sentence embeddings above ran each
+  # variant on this batch already)
+  seconds = timing(variants, speed_batch, rounds, calls, seed,
+                   warmup=not quick)
   load = os.getloadavg()[0]
   floor = spearman_noise_floor(variants, noise_floor_variants(names), words,
                                word_batches, pairs, repeats, seed=seed)
@@ -528,6 +550,7 @@ def evaluate(quick: bool, rounds: int, calls: int, repeats: int,
       "quick": quick, "seed": seed, "rounds": rounds, "calls_per_round": calls,
       "word_pairs": {s: len(p) for s, p in pairs.items()},
       "unique_words": len(words), "sentences": len(sentences),
+      "sentence_max_tokens": max_length,
       "speed_batch_shape": list(speed_batch[0].shape),
       "w4_group_size": GROUP_SIZE, "nf4_group_sizes": [GROUP_SIZE,
                                                          NF4_GROUP_SIZE],
@@ -715,7 +738,10 @@ def markdown(report) -> str:
            f"{' (quick)' if setup['quick'] else ''}")
   details = (
       f"\nWord pairs: WordSim353 {pairs['wordsim353']}, SimLex-999 "
-      f"{pairs['simlex999']}; {setup['sentences']} Lee corpus sentences; "
+      f"{pairs['simlex999']}; {setup['sentences']} Lee corpus sentences"
+      + (f" (their first {setup['sentence_max_tokens']} tokens)"
+         if setup.get("sentence_max_tokens", MAX_LENGTH) < MAX_LENGTH
+         else "") + "; "
       f"{setup['rounds']} timing round(s) of {setup['calls_per_round']} "
       f"calls.\n{report['note']}\n"
       "Param MB counts all parameters (the float word embeddings are 46.9 "
@@ -734,8 +760,8 @@ def figures(report) -> dict:
 
 def parser():
   p = common.parser(__doc__, NAME, quick="CI size: 60 pairs per set, 32 "
-                    "sentences, 1 timing round of 1 call, no noise-floor "
-                    "repeats")
+                    "sentences cut to 32 tokens, 1 timing round of 1 call, "
+                    "no noise-floor repeats")
   p.add_argument("--rounds", type=int, default=None,
                  help="timing rounds (default 1 quick, 7 full)")
   p.add_argument("--repeats", type=int, default=None,

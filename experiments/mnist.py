@@ -57,9 +57,9 @@ setting); the full run also writes a per-layer report (`jq.layer_report`)
 of the 2- and 4-bit PTQ models to layers/.
 
 --quick (CI, < 60 s on 2 cores): 5k training / 2k test images, 1 epoch at
-batch 32 (39 steps of 128 leave the float model near 87 %), six PTQ
-variants, GPTQ and AWQ at 2 bits, QAT and QAFT at 4 bits only, 2 timing
-rounds of one call.
+batch 32 (39 steps of 128 leave the float model near 87 %), 8 calibration
+batches (not 20), six PTQ variants, GPTQ and AWQ at 2 bits, QAT and QAFT
+at 4 bits only, 2 timing rounds of one call.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ QUICK_BATCH = 32
 EVAL_BATCH = 256       # evaluation and timing batch (one compiled shape)
 LR, QAFT_LR = 2e-3, 5e-4
 QAFT_EPOCHS = 1.0
-CALIB_BATCHES = 20
+CALIB_BATCHES = {True: 8, False: 20}  # of BATCH images; --quick, full
 # Calibrated rounding methods (default settings), each beside the
 # round-to-nearest row of the same spec: method -> weight bits, per --quick.
 METHODS = {"GPTQ": jq.gptq(), "AWQ": jq.awq()}
@@ -271,10 +271,11 @@ def experiment(quick: bool, epochs: float, seed: int, timer) -> dict:
 
   # -- PTQ: one calibration per observer, shared by every weight setting
   # (activations are observed on the float model; every recipe uses int8).
+  calib_batches = CALIB_BATCHES[quick]
   calib_x = x_train[np.random.default_rng(seed + 1).permutation(
-      len(x_train))[:CALIB_BATCHES * BATCH]]
+      len(x_train))[:calib_batches * BATCH]]
   batches = [calib_x[i * BATCH:(i + 1) * BATCH]
-             for i in range(CALIB_BATCHES)]
+             for i in range(calib_batches)]
   grid = ptq_grid(quick)
   with timer("calibrate"):
     stats = {obs: jq.calibrate(model.apply, params, recipe(8), batches,
@@ -370,7 +371,7 @@ def experiment(quick: bool, epochs: float, seed: int, timer) -> dict:
             "qaft_epochs": qaft_epochs, "train_images": len(x_train),
             "test_images": len(x_test), "batch": trainer.batch,
             "calibration_batch": BATCH, "lr": LR,
-            "qaft_lr": QAFT_LR, "calibration_batches": CALIB_BATCHES,
+            "qaft_lr": QAFT_LR, "calibration_batches": calib_batches,
             "timing_batch": EVAL_BATCH, "timing_rounds": rounds,
             "timing_calls_per_round": calls,
             "float_ms_per_batch": 1000 * float_seconds,

@@ -140,9 +140,12 @@ class Config:
 
 
 FULL = Config()
-QUICK = Config(d_model=64, heads=2, context=32, batch=8, steps=30, warmup=5,
-               qat_steps=10, eval_batch=32, eval_windows=64, calib_windows=16,
-               calib_batch=8, int3_rows=False, embedding_rows=False)
+# --quick: one block (every kind of layer once; fewer equations to trace and
+# compile, which is most of CI's time here), a few steps, 2k eval tokens.
+QUICK = Config(d_model=64, heads=2, layers=1, context=32, batch=8, steps=30,
+               warmup=5, qat_steps=10, eval_batch=32, eval_windows=64,
+               calib_windows=16, calib_batch=8, int3_rows=False,
+               embedding_rows=False)
 
 
 # The calibrated methods of the rows, beside round-to-nearest ("RTN").

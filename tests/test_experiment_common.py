@@ -102,6 +102,9 @@ def test_time_rounds_and_median_ratios():
   assert set(times) == {"float", "other"}
   assert all(len(t) == 3 and all(s > 0 for s in t) for t in times.values())
   assert calls.count("f") == calls.count("o") == 1 + 3 * 2  # warm-up + timed
+  calls.clear()  # warmup=False: the timed calls only
+  common.time_rounds(variants, rounds=1, calls=2, seed=0, warmup=False)
+  assert calls.count("f") == calls.count("o") == 2
   ratios = common.median_ratios({"float": [1.0, 2.0, 4.0],
                                  "other": [3.0, 2.0, 2.0]})
   assert ratios == {"float": 1.0, "other": 1.0}  # median of (3, 1, 0.5)

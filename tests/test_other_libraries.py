@@ -71,7 +71,7 @@ def _weight_matmuls(apply_fn, params, x) -> int:
 @pytest.mark.parametrize("make", ["gpt2", "bert", "llama", "haiku"])
 def test_model_from_another_library(make, tmp_path):
   apply_fn, params, x = _haiku_mlp() if make == "haiku" else _hf(make)
-  ref = jax.jit(apply_fn)(params, x)
+  ref = np.asarray(jax.jit(apply_fn)(params, x))
   n = _weight_matmuls(apply_fn, params, x)
   assert n >= 3
   for recipe in (W8A8, W4A8):
@@ -81,14 +81,15 @@ def test_model_from_another_library(make, tmp_path):
     assert rep.count("int8") == n, str(rep)
     assert jq.int8_ops(qapply, qparams, x).stablehlo >= n
     if recipe is W8A8:
-      out = qapply(qparams, x)
-      rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+      # (Checked in NumPy: every eager jnp op would compile.)
+      out = np.asarray(qapply(qparams, x))
+      rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
       assert rel < 3e-2, rel
-      agree = float(jnp.mean(jnp.argmax(out, -1) == jnp.argmax(ref, -1)))
+      agree = np.mean(np.argmax(out, -1) == np.argmax(ref, -1))
       assert agree >= 0.97, agree
       jq.save(tmp_path / "q.jq", qparams)
       loaded = jq.load(tmp_path / "q.jq", like=qparams)
       np.testing.assert_array_equal(qapply(loaded, x), out)
   qat = jq.fake_quant_apply(apply_fn, W8A8)
   grads = jax.jit(jax.grad(lambda p: jnp.mean(qat(p, x) ** 2)))(params)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
