@@ -55,7 +55,7 @@ import msgpack
 import numpy as np
 
 from jaxquant import numerics, packing
-from jaxquant.qarray import ActQuant, QArray, with_order
+from jaxquant.qarray import ActQuant, QArray, check_order, with_order
 from jaxquant.spec import QuantSpec
 from jaxquant.tree import key_name
 
@@ -699,11 +699,11 @@ def _qarray_plan(d, path) -> _Plan:
   shape = _shape(_get(d, "shape", list), path)
   dtype = _dtype(_get(d, "dtype", str), path)
   order = _get(d, "order", list, None) if "order" in d else None
-  if order is not None:
-    if sorted(order) != list(range(len(shape))):
-      raise _Invalid(f"{path}: QArray order {order[:8]} is not a "
-                     f"permutation of its {len(shape)} axes")
-    order = tuple(order)
+  try:
+    check_order(order, len(shape), f"{path}: QArray")
+  except (ValueError, TypeError) as e:
+    raise _Invalid(str(e)) from None
+  order = None if order is None else tuple(order)
   given = _get(d, "arrays", dict)
   if not {"values", "scale"} <= given.keys() <= set(_QFIELDS):
     raise _Invalid(f"{path}: QArray arrays {sorted(map(str, given))[:6]}")

@@ -199,9 +199,10 @@ def with_order(q: QArray, order) -> QArray:
     >>> t.values.shape, t.shape, bool((t.dequantize() == q.dequantize()).all())
     ((3, 2), (2, 3), True)
   """
-  order = None if order is None or tuple(order) == tuple(range(q.ndim)) \
-      else tuple(int(a) for a in order)
   check_order(order, q.ndim)
+  if order is not None and tuple(order) == tuple(range(q.ndim)):
+    order = None  # the logical order is stored as None
+  order = None if order is None else tuple(int(a) for a in order)
   if order == q.order:
     return q
   codes = q.int_values()

@@ -51,12 +51,11 @@ class QuantPayload:
   @staticmethod
   def of(q: QArray) -> "QuantPayload":
     """The payload of a `QArray`: a `GroupPayload` for per-group scales."""
-    args = (q.grid_values(), q.scale, q.zero_point, q.spec, q.dtype, q.act,
-            q.in_scale)
+    args = (q.scale, q.zero_point, q.spec, q.dtype, q.act, q.in_scale)
     if q.spec.granularity == "group":
-      return GroupPayload(*args, group_dim=q.spec.group_axis)
-    stored = numerics.decode(q.stored_codes(), q.spec)
-    return QuantPayload(stored, *args[1:], order=q.order)
+      return GroupPayload(q.grid_values(), *args, group_dim=q.spec.group_axis)
+    return QuantPayload(numerics.decode(q.stored_codes(), q.spec), *args,
+                        order=q.order)
 
   def in_logical_order(self) -> "QuantPayload":
     """This payload with its values in the logical layout."""
@@ -80,9 +79,9 @@ class QuantPayload:
       if not jnp.issubdtype(params["new_dtype"], jnp.floating):
         return None
       return dataclasses.replace(self, dtype=params["new_dtype"])
-    if self.order is not None:
-      if eqn.primitive.name == "transpose":
-        return self._transposed(params["permutation"], rule, eqn, others)
+    # A transpose of stored values only re-records their order.
+    reorder = self.order is not None and eqn.primitive.name == "transpose"
+    if not reorder:
       self = self.in_logical_order()
     in_shape = eqn.invars[0].aval.shape
     out_shape = eqn.outvars[0].aval.shape
@@ -92,21 +91,15 @@ class QuantPayload:
     if any(m is None and a is not None for m, a in zip(
         moved, (self.scale, self.zero_point, self.in_scale))):
       return None
-    values = eqn.primitive.bind(self.values, *others, **params)
     scale, zp, in_scale = moved
+    if reorder:  # the logical axis perm[j] becomes axis j
+      perm = list(params["permutation"])
+      return dataclasses.replace(
+          self, scale=scale, zero_point=zp, in_scale=in_scale,
+          order=tuple(perm.index(a) for a in self.order))
+    values = eqn.primitive.bind(self.values, *others, **params)
     return dataclasses.replace(self, values=values, scale=scale, zero_point=zp,
                                in_scale=in_scale)
-
-  def _transposed(self, perm, rule, eqn, others):
-    """The transposed value: the same stored values, a new order (the
-    logical axis `perm[j]` becomes axis j)."""
-    shapes = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-    move = lambda a: None if a is None else rule.scale(eqn.params, a, *shapes,
-                                                       others)
-    return dataclasses.replace(
-        self, scale=move(self.scale), zero_point=move(self.zero_point),
-        in_scale=move(self.in_scale),
-        order=tuple(list(perm).index(a) for a in self.order))
 
   def stackable(self, length):
     """Every leaf with `length` on axis 0, for `lax.scan` to slice.
