@@ -122,7 +122,8 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
                      contracted[path], path)
       bar.update()
     else:
-      q = quantize(leaf, specs[path], key=keys.get(path), where=path)
+      q = quantize(leaf, specs[path], key=keys.get(path), where=path,
+                   order=orders.get(path))  # no logical-order copy
     q = with_order(q, orders.get(path))
     if source is not None:
       # Measured on XLA:CPU: a jit's outputs can keep the buffers of its

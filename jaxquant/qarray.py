@@ -185,6 +185,13 @@ def check_order(order, ndim: int, where: str = "QArray") -> None:
                      "None")
 
 
+def _canonical(order, ndim: int):
+  """`order` as a tuple of ints, or None for the logical order."""
+  if order is None or tuple(order) == tuple(range(ndim)):
+    return None  # the logical order is stored as None
+  return tuple(int(a) for a in order)
+
+
 def with_order(q: QArray, order) -> QArray:
   """`q` with its codes stored in `order` (None: the logical order).
 
@@ -200,9 +207,7 @@ def with_order(q: QArray, order) -> QArray:
     ((3, 2), (2, 3), True)
   """
   check_order(order, q.ndim)
-  if order is not None and tuple(order) == tuple(range(q.ndim)):
-    order = None  # the logical order is stored as None
-  order = None if order is None else tuple(int(a) for a in order)
+  order = _canonical(order, q.ndim)
   if order == q.order:
     return q
   codes = q.int_values()
@@ -214,7 +219,7 @@ def with_order(q: QArray, order) -> QArray:
 
 
 def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
-             where: str = "tensor") -> QArray:
+             where: str = "tensor", order=None) -> QArray:
   """Quantizes `x` to a `QArray` on the grid of `spec`.
 
   Under `jax.jit` a NaN cannot be checked for or stored as an integer: it
@@ -229,6 +234,9 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
     value_range: optional `(lo, hi)` (e.g. from calibration), broadcastable
       to the scale; overrides the data range and `spec.clip`.
     where: a name for error messages (the parameter path).
+    order: None, or the axis order to store the codes in (`QArray.order`);
+      transposed inside the quantizing computation, so no logical-order
+      copy of the codes is ever made.
 
   Returns:
     A `QArray`. Per scale block, with [lo, hi] the block's range
@@ -257,7 +265,8 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
     True
   """
   x, spec, key = _checked(x, spec, key, where)
-  return _quantize(x, spec, key, value_range)
+  check_order(order, x.ndim, where)
+  return _quantize(x, spec, key, value_range, _canonical(order, x.ndim))
 
 
 def _checked(x, spec: QuantSpec, key, where: str):
@@ -290,8 +299,8 @@ def _scale(view, spec: QuantSpec, value_range):
   return numerics.nan_to_scale(view, scale, spec), zero_point
 
 
-@functools.partial(jax.jit, static_argnames="spec")
-def _quantize(x, spec: QuantSpec, key, value_range) -> QArray:
+@functools.partial(jax.jit, static_argnames=("spec", "order"))
+def _quantize(x, spec: QuantSpec, key, value_range, order=None) -> QArray:
   # Compiled once per shape and spec: eager calls would otherwise run (and
   # compile) each small op on its own, and jit and no-jit agree bit for bit.
   view = numerics.grouped(x, spec) if spec.granularity == "group" else x
@@ -302,9 +311,12 @@ def _quantize(x, spec: QuantSpec, key, value_range) -> QArray:
     scale = jnp.squeeze(scale, spec.group_axis + 1)
     if zero_point is not None:
       zero_point = jnp.squeeze(zero_point, spec.group_axis + 1)
+  if order is not None:
+    q = jnp.transpose(q, order)
   if spec.packed:
     q = packing.pack(q, spec.bits)
-  return QArray(q, scale, zero_point, spec, tuple(x.shape), x.dtype)
+  return QArray(q, scale, zero_point, spec, tuple(x.shape), x.dtype,
+                order=order)
 
 
 def _scale_shape(view_shape, spec):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant import packing
+from jaxquant import packing, qarray
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -71,3 +71,25 @@ def test_bfloat16_input_dequantizes_to_bfloat16():
   assert q.dequantize().dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(q.dequantize(), np.float32),
                              np.asarray(x, np.float32), atol=0.01)
+
+
+@pytest.mark.parametrize("spec", [jq.int8(), jq.int4(), jq.int4(group_size=4),
+                                  jq.int8(symmetric=False)])
+@pytest.mark.parametrize("order", [(1, 0, 2), (2, 0, 1)])
+def test_quantize_in_a_stored_order_equals_re_laying_afterwards(spec, order):
+  x = jax.random.normal(jax.random.key(0), (3, 8, 6))
+  ref = qarray.with_order(jq.quantize(x, spec), order)
+  got = jq.quantize(x, spec, order=order)
+  assert got.order == ref.order == order
+  assert got.shape == ref.shape == (3, 8, 6)
+  chex.assert_trees_all_equal(got, ref)
+  np.testing.assert_array_equal(got.int_values(),
+                                jq.quantize(x, spec).int_values())
+  # The identity order is stored as None, like with_order's.
+  assert jq.quantize(x, spec, order=(0, 1, 2)).order is None
+
+
+def test_quantize_names_the_path_of_a_bad_order():
+  with pytest.raises(ValueError, match=r"layer/kernel: order=\(1, 1\)"):
+    jq.quantize(jnp.ones((2, 3)), jq.int8(), order=(1, 1),
+                where="layer/kernel")
