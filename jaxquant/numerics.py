@@ -145,8 +145,26 @@ def where(cond, a, b):
   dtype = getattr(a, "dtype", None) or getattr(b, "dtype", None) or (
       jnp.float32)
   shape = jnp.broadcast_shapes(jnp.shape(cond), jnp.shape(a), jnp.shape(b))
-  full = lambda v: jnp.broadcast_to(jnp.asarray(v, dtype), shape)
-  return jax.lax.select(jnp.broadcast_to(cond, shape), full(a), full(b))
+  return jax.lax.select(_broadcast(cond, None, shape),
+                        _broadcast(a, dtype, shape), _broadcast(b, dtype, shape))
+
+
+def _broadcast(v, dtype, shape):
+  """`v` (a scalar or an array broadcastable to `shape`) as `dtype` (None:
+  its own) and `shape`, with lax ops only: jnp's argument checks are a few
+  hundred microseconds per call, paid per quantized matmul when tracing."""
+  if not hasattr(v, "shape"):
+    return jax.lax.full(shape, v, dtype)
+  if dtype is not None and v.dtype != dtype:
+    v = jax.lax.convert_element_type(v, dtype)
+  if v.shape == shape:
+    return v
+  # numpy broadcasting aligns trailing axes; size-1 axes are expanded.
+  lead = len(shape) - v.ndim
+  keep = [d for d in range(v.ndim) if v.shape[d] == shape[lead + d]]
+  v = jax.lax.reshape(v, tuple(v.shape[d] for d in keep)) if len(keep) < (
+      v.ndim) else v
+  return jax.lax.broadcast_in_dim(v, shape, tuple(lead + d for d in keep))
 
 
 def scale_from_range(lo, hi, spec: QuantSpec):
@@ -155,11 +173,7 @@ def scale_from_range(lo, hi, spec: QuantSpec):
   hi = jnp.asarray(hi, jnp.float32)
   if spec.symmetric:
     top = jnp.maximum(hi, 0.0) if not spec.signed else jnp.maximum(-lo, hi)
-    # Multiply by a reciprocal: XLA rewrites division by a constant that way
-    # under jit, and eager and jitted scales must agree bit for bit.
-    scale = top * np.float32(1.0 / spec.qmax)
-    scale = where(top > 0, jnp.maximum(scale, _TINY), 1.0)
-    return scale, None
+    return symmetric_scale(top, spec), None
   step = np.float32(1.0 / (spec.qmax - spec.qmin))
   width = hi - lo
   # hi - lo overflows float32 for |lo|, |hi| near its max; scaling each
@@ -171,6 +185,15 @@ def scale_from_range(lo, hi, spec: QuantSpec):
   scale = jnp.where(width > 0, jnp.maximum(scaled, _TINY), fallback)
   zero_point = spec.qmin - lo / scale
   return scale, zero_point
+
+
+def symmetric_scale(top, spec: QuantSpec):
+  """The symmetric scale for the range [-top, top] (`top` >= 0, not NaN):
+  `top / qmax`, at least the smallest normal float, and 1 where `top` is 0."""
+  # Multiply by a reciprocal: XLA rewrites division by a constant that way
+  # under jit, and eager and jitted scales must agree bit for bit.
+  scale = top * np.float32(1.0 / spec.qmax)
+  return where(top > 0, jnp.maximum(scale, _TINY), 1.0)
 
 
 def nan_to_scale(x: jax.Array, scale: jax.Array, spec: QuantSpec):

@@ -179,22 +179,27 @@ def dynamic_act_scale(x, site: Site, spec: QuantSpec):
   skip it); per tensor, with `poisoned`.
   """
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
-  if spec.granularity == "tensor":
-    lo, hi = _range(x, tuple(range(x.ndim)), spec, nan=0.0)
-    scale, zero_point = numerics.scale_from_range(lo, hi, spec)
-    return poisoned(scale, x, site), zero_point
-  lo, hi = _range(x, site.act_contract, spec, nan=jnp.inf)
-  scale, zero_point = numerics.scale_from_range(lo, hi, spec)
-  return numerics.where(jnp.abs(hi - lo) == jnp.inf, jnp.nan, scale), (
-      zero_point)
-
-
-def _range(x, axes, spec: QuantSpec, nan: float):
-  """(lo, hi) of `x` over `axes` (keepdims), with NaN read as +-`nan`."""
+  per_tensor = spec.granularity == "tensor"
+  axes = tuple(range(x.ndim)) if per_tensor else site.act_contract
+  nan = 0.0 if per_tensor else jnp.inf
   if spec.symmetric:
-    hi = jnp.max(numerics.where(jnp.isnan(x), nan, jnp.abs(x)), axis=axes,
-                 keepdims=True)
-    return -hi, hi
+    # The range [-top, top] straight to its scale: no lo = -top (a few ops
+    # per matmul, which deep models compile as many times).
+    top = jnp.max(numerics.where(x != x, nan, jnp.abs(x)), axis=axes,
+                  keepdims=True)
+    scale, zero_point = numerics.symmetric_scale(top, spec), None
+    bad = top == jnp.inf
+  else:
+    lo, hi = _range(x, axes, nan)
+    scale, zero_point = numerics.scale_from_range(lo, hi, spec)
+    bad = jnp.abs(hi - lo) == jnp.inf
+  if per_tensor:
+    return poisoned(scale, x, site), zero_point
+  return numerics.where(bad, jnp.nan, scale), zero_point
+
+
+def _range(x, axes, nan: float):
+  """(lo, hi) of `x` over `axes` (keepdims), with NaN read as +-`nan`."""
   lo = jnp.min(numerics.where(jnp.isnan(x), -nan, x), axis=axes,
                keepdims=True)
   hi = jnp.max(numerics.where(jnp.isnan(x), nan, x), axis=axes, keepdims=True)

@@ -166,11 +166,17 @@ def to_output_layout(s, contract, batch, is_lhs: bool, n_other_free: int):
   size 1 on the `contract` dims.
   """
   free = [d for d in range(s.ndim) if d not in contract and d not in batch]
-  s = jnp.transpose(s, list(batch) + free + list(contract))
-  s = s.reshape(s.shape[:len(batch) + len(free)])
+  kept = list(batch) + free
+  if kept != sorted(kept):
+    s = jnp.transpose(s, kept + list(contract))
+  # The contracted dims have size 1: dropping them, wherever they sit, is a
+  # reshape (one op, where a transpose and two reshapes would lower to three).
+  kept_shape = tuple(s.shape[d] for d in kept) if kept == sorted(kept) else (
+      s.shape[:len(kept)])
   ones = (1,) * n_other_free
   nb = len(batch)
-  shape = s.shape + ones if is_lhs else s.shape[:nb] + ones + s.shape[nb:]
+  shape = (kept_shape + ones if is_lhs
+           else kept_shape[:nb] + ones + kept_shape[nb:])
   return s.reshape(shape)
 
 
