@@ -13,6 +13,7 @@ along their contraction axis on "data").
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -42,10 +43,13 @@ LAYOUTS = {  # kernel specs of (up, down), and the batch's
 
 
 class MLP(nn.Module):
+  hidden: int = 256
+  out: int = 64
+
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Dense(256, name="up")(x))
-    return nn.Dense(64, name="down")(x)
+    x = nn.relu(nn.Dense(self.hidden, name="up")(x))
+    return nn.Dense(self.out, name="down")(x)
 
 
 def spec_of(a):
@@ -56,6 +60,49 @@ def spec_of(a):
 def collectives(compiled_text: str) -> dict:
   return {c: compiled_text.count(f" {c}(") + compiled_text.count(
       f" {c}-start(") for c in COLLECTIVES}
+
+
+BYTES = {"s8": 1, "u8": 1, "pred": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4}
+
+
+def moved_bytes(compiled_text: str) -> int:
+  """Bytes that the all-gathers, all-to-alls and collective-permutes of a
+  compiled HLO module produce (per device): the data they move."""
+  total = 0
+  for line in compiled_text.splitlines():
+    m = re.search(r"= (.+?) (?:all-gather|all-to-all|collective-permute)"
+                  r"(?:-start)?\(", line)
+    if m:
+      for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+        total += BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",")
+                                             if d]))
+  return total
+
+
+def fsdp_bytes(d: int) -> dict:
+  """Bytes moved by an FSDP MLP (d -> 4d -> d, 16 rows), float vs each
+  recipe and lowering: `python tests/sharded_run.py bytes 1024`."""
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  named = lambda spec: NamedSharding(mesh, spec)
+  model = MLP(4 * d, d)
+  x = jax.random.normal(jax.random.key(1), (16, d))
+  params = model.init(jax.random.key(0), x)
+  sp = jax.device_put(params, jax.tree.map(
+      lambda a: named(P("data", None) if a.ndim == 2 else P()), params))
+  sx = jax.device_put(x, named(P("data", None)))
+  out = {"float": moved_bytes(
+      jax.jit(model.apply).lower(sp, sx).compile().as_text())}
+  recipes = dict(RECIPES, **{"W4A8 g128": dict(weight=jq.int4(group_size=128),
+                                               act=jq.int8())})
+  for name in ("W8A8", "W8A16", "W4A8 g128"):
+    recipe = jq.Recipe([jq.Rule(r".*kernel", **recipes[name])])
+    qp = jq.quantize_params(model.apply, sp, recipe, sx, progress=False)
+    for machine in ("tpu", None):
+      qapply = jax.jit(jq.quantized_apply(model.apply, recipe,
+                                          machine=machine))
+      out[f"{name} {machine or 'this'}"] = moved_bytes(
+          qapply.lower(qp, sx).compile().as_text())
+  return out
 
 
 def main(keys):
@@ -91,6 +138,8 @@ def main(keys):
                                    - np.asarray(single)).max()),
           "float_collectives": collectives(float_hlo),
           "quant_collectives": collectives(q_hlo),
+          "float_moved": moved_bytes(float_hlo),
+          "quant_moved": moved_bytes(q_hlo),
           "int8_ops": jq.int8_ops(qapply, qp, sx).stablehlo,
       }
       if layout == "megatron" and name == "W8A8" and key == keys[0]:
@@ -134,4 +183,7 @@ def main(keys):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  if sys.argv[1:2] == ["bytes"]:
+    print(json.dumps(fsdp_bytes(int(sys.argv[2]))))
+  else:
+    main(sys.argv[1:])
