@@ -4,9 +4,10 @@
 
 1. A pre-LN transformer written as a Python loop (not `nn.scan`): `layers`
    blocks of width d (8-head `nn.MultiHeadDotProductAttention`, GELU MLP
-   4d), W8A8 on every kernel. Timed once each, in one process: the float
-   model's `jit` compile, `jq.quantize_params` (its trace included) and
-   `jq.quantized_apply`'s `jit` compile. Memory: peak resident growth of
+   4d), W8A8 on every kernel. Timed in one process: `jq.quantize_params`
+   (its trace included) once, and the float model's `jit` compile against
+   `jq.quantized_apply`'s (trace, lower, compile) in alternating rounds,
+   reported as the median of the per-round ratios. Memory: peak resident growth of
    `quantize_params` over the float params already in memory, measured in
    a subprocess, against the float params' bytes.
 2. Equations: a plain-JAX chain of `n` small matmuls (`x = tanh(x @ w_i)
@@ -14,8 +15,8 @@
    to show its time grows linearly with the number of equations.
 
 Full run: 48 blocks of d = 1024 (605 M parameters), chains of 2.5 k and
-25 k matmuls (1e4 and 1e5 equations). --quick (CI): 4 blocks of d = 256,
-chains of 250 and 1000.
+25 k matmuls (1e4 and 1e5 equations), 5 compile rounds. --quick (CI):
+4 blocks of d = 256, chains of 250 and 1000, one round.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import jaxquant as jq
 from experiments import common
 
 NAME = "deep"
-SIZES = {True: dict(layers=4, d=256, chains=(250, 1000)),
-         False: dict(layers=48, d=1024, chains=(2500, 25000))}
+SIZES = {True: dict(layers=4, d=256, chains=(250, 1000), rounds=1),
+         False: dict(layers=48, d=1024, chains=(2500, 25000), rounds=5)}
 RECIPE = jq.Recipe([jq.Rule(r".*kernel", weight=jq.int8(), act=jq.int8())])
 
 
@@ -64,21 +65,29 @@ def _timed(fn, *args):
   return out, time.perf_counter() - start
 
 
-def transformer_costs(layers: int, d: int) -> dict:
+def transformer_costs(layers: int, d: int, rounds: int) -> dict:
   model = Transformer(layers, d)
   x = jnp.ones((1, 16, d))
   params = model.init(jax.random.key(0), x)
   eqns = len(jax.make_jaxpr(model.apply)(params, x).eqns)
-  _, float_compile = _timed(
-      lambda: jax.jit(model.apply).lower(params, x).compile())
   qparams, quantize = _timed(lambda: jq.quantize_params(
       model.apply, params, RECIPE, x, progress=False))
-  _, quant_compile = _timed(lambda: jax.jit(jq.quantized_apply(
-      model.apply, RECIPE)).lower(qparams, x).compile())
+  # A fresh jax.jit each time: trace, lower and compile, no cache hit. The
+  # two compiles alternate, `rounds` times, for per-round ratios on a
+  # shared machine.
+  compiles = common.time_rounds({
+      "float": (lambda: jax.jit(model.apply).lower(params, x).compile(), ()),
+      "quantized": (lambda: jax.jit(jq.quantized_apply(
+          model.apply, RECIPE)).lower(qparams, x).compile(), ()),
+  }, rounds, calls=1, warmup=False, desc="compiles")
+  ratios = [q / f for q, f in zip(compiles["quantized"], compiles["float"])]
   return {"params": sum(int(np.size(a)) for a in jax.tree.leaves(params)),
-          "equations": eqns, "float_compile_s": float_compile,
-          "quantize_s": quantize, "quantized_compile_s": quant_compile,
-          "compile_ratio": quant_compile / float_compile}
+          "equations": eqns,
+          "float_compile_s": float(np.median(compiles["float"])),
+          "quantize_s": quantize,
+          "quantized_compile_s": float(np.median(compiles["quantized"])),
+          "compile_ratio": float(np.median(ratios)),
+          "compile_ratios": ratios}
 
 
 def memory_child(layers: int, d: int) -> dict:
@@ -117,7 +126,7 @@ def chain_seconds(n: int) -> dict:
 def run(args) -> dict:
   size = SIZES[args.quick]
   common.log("transformer: compile and quantize times")
-  costs = transformer_costs(size["layers"], size["d"])
+  costs = transformer_costs(size["layers"], size["d"], size["rounds"])
   common.log("transformer: memory (subprocess)")
   memory = common.in_child("experiments.deep", layers=size["layers"],
                            d=size["d"])
@@ -140,7 +149,8 @@ def markdown(report) -> str:
        "value": f"{t['quantize_s']:.1f} s"},
       {"measure": "quantized_apply jit compile",
        "value": f"{t['quantized_compile_s']:.1f} s "
-                f"({t['compile_ratio']:.2f}x float)"},
+                f"({t['compile_ratio']:.2f}x float, median of "
+                f"{', '.join(f'{r:.2f}' for r in t['compile_ratios'])})"},
       {"measure": "quantize_params peak memory growth",
        "value": f"{m['growth_mb']:.0f} MB ({m['growth_over_float']:.2f}x "
                 f"the {m['float_mb']:.0f} MB float params)"},
