@@ -331,10 +331,11 @@ def activation_codes(x, site: Site, payload, act_spec, lowering: Lowering):
   return [qx], sx, zx, act_spec
 
 
-def _finished(eqn, site: Site, out, x, payload, lowering: Lowering):
-  """A kernel's output with its gradient rule: the float one for activation
-  parts (they represent x exactly), none through rounded activations."""
-  if lowering.act_parts:
+def _finished(eqn, site: Site, out, x, payload, weight_only: bool):
+  """A kernel's output with its gradient rule: the float one for a
+  weight-only matmul (activation parts or float rows represent x exactly),
+  none through rounded activations."""
+  if weight_only:
     return exact_weight_only(eqn, site, out, x, payload)
   return no_grad_through(out, x)
 
@@ -420,7 +421,7 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
       k = layout.contracted_size(qx.shape, site.act_contract)
       acc = acc + k * to_x(zx) * to_w(zw)
   out = _rescaled(eqn, site, acc, sx, payload.scale)
-  return _finished(eqn, site, out, x, payload, lowering)
+  return _finished(eqn, site, out, x, payload, bool(lowering.act_parts))
 
 
 def stored_dims(params, site: Site, payload):
@@ -498,9 +499,7 @@ def row_reduce_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
   sw = jnp.squeeze(payload.scale, site.weight_contract)
   out = (acc * sw * jnp.reshape(sx, ())).reshape(eqn.outvars[0].aval.shape)
   out = out.astype(eqn.outvars[0].aval.dtype)
-  if act_spec is None:
-    return exact_weight_only(eqn, site, out, x, payload)
-  return no_grad_through(out, x)
+  return _finished(eqn, site, out, x, payload, act_spec is None)
 
 
 def fp8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec):
@@ -565,7 +564,7 @@ def grouped_int8_matmul(eqn, site: Site, x, payload: GroupPayload, act_spec,
   else:
     out = _batched_group_dot(site, codes, sx, zx, payload, lowering)
   out = out.astype(eqn.outvars[0].aval.dtype)
-  return _finished(eqn, site, out, x, payload, lowering)
+  return _finished(eqn, site, out, x, payload, bool(lowering.act_parts))
 
 
 def _batched_group_dot(site: Site, codes, sx, zx, payload: GroupPayload,
