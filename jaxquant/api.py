@@ -500,11 +500,16 @@ def report(apply_fn: Callable, params, recipe: Recipe, *args,
     shapes = [tuple(v.aval.shape) for v in eqn.invars[:2]]
     computed = [provenance.computed_weight(s)
                 for s in sources.get(id(eqn), ())]
-    computed = next((c for c in computed if c), None)
-    reason = ("no parameter operand" if computed is None else
-              f"weight computed from {', '.join(computed)} by arithmetic, "
-              "not layout ops alone: runs in float")
+    # The weight is the operand computed from params (either side: Equinox
+    # writes `weight @ x`); with none, operand 1 as for `x @ w`.
+    w = next((i for i, c in enumerate(computed) if c), None)
+    reason = ("no parameter operand" if w is None else
+              f"weight computed from {', '.join(computed[w])} by "
+              "arithmetic, not layout ops alone: runs in float")
+    w_shape, act_shape = (shapes[0], shapes[1]) if w == 0 else (
+        shapes[1], shapes[0])
     records.append(engine.OpRecord(
-        computed[0] if computed else "-", eqn.primitive.name, engine.FLOAT,
-        reason, shapes[1], shapes[0], "float", "float", "float dot"))
+        "-" if w is None else computed[w][0], eqn.primitive.name,
+        engine.FLOAT, reason, w_shape, act_shape, "float", "float",
+        "float dot"))
   return Report(tuple(records))

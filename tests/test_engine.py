@@ -425,3 +425,23 @@ def test_report_names_weights_computed_from_params():
           "runs in float") in reasons
   assert "no parameter operand" in reasons
   assert rep.count("int8") == 1 and rep.count("float") == 3
+  computed = [op for op in rep.ops if op.path == "g"]
+  assert [(op.weight_shape, op.act_shape) for op in computed] == [
+      ((16, 8), (4, 16))]
+
+
+def test_report_shapes_of_a_computed_weight_on_the_left():
+  # Equinox-style `w @ x`: the computed weight is operand 0.
+  def apply_fn(p, x):
+    w = p["g"] * p["v"] / jnp.linalg.norm(p["v"], axis=1, keepdims=True)
+    return (w @ x.T).T @ p["out"]
+
+  params = {"g": jnp.ones((8, 1)), "v": jax.random.normal(
+      jax.random.key(0), (8, 16)), "out": jnp.ones((8, 2))}
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  recipe = jq.Recipe([jq.Rule("out", weight=jq.int8(), act=jq.int8()),
+                      jq.Rule(".*", weight=None, optional=True)])
+  rep = jq.report(apply_fn, params, recipe, x)
+  computed = [op for op in rep.ops if op.path == "g"]
+  assert [(op.weight_shape, op.act_shape) for op in computed] == [
+      ((8, 16), (16, 4))], str(rep)
