@@ -214,6 +214,34 @@ def test_grouped_weights_fall_back_where_groups_cannot_be_split_and_say_so():
   assert rel_err(out, fq) < 1e-5
 
 
+def test_pytorch_layout_convs_group_their_input_channels():
+  """An (out, in, kh, kw) conv kernel (Equinox, PyTorch layout) contracts
+  in, kh and kw; groups run along the last of them that the group size
+  divides (in), as for a Flax (kh, kw, in, out) kernel, not along kw."""
+  def apply_fn(p, x):
+    return jax.lax.conv_general_dilated(x, p["weight"], (1, 1), "SAME",
+                                        dimension_numbers=("NCHW", "OIHW",
+                                                           "NCHW"))
+
+  params = {"weight": jax.random.normal(jax.random.key(0), (8, 32, 3, 3))}
+  x = jax.random.normal(jax.random.key(1), (2, 32, 6, 6))
+  recipe = jq.Recipe([jq.Rule("weight", weight=jq.int4(group_size=16))])
+  q = jq.quantize_params(apply_fn, params, recipe, x)["weight"]
+  assert q.spec.group_axis == 1 and q.scale.shape == (8, 2, 3, 3)
+  w = np.asarray(params["weight"])
+  scale = np.abs(w.reshape(8, 2, 16, 3, 3)).max(2) / 7  # per 16 inputs
+  np.testing.assert_allclose(q.scale, scale, rtol=1e-6)
+  out = jq.quantized_apply(apply_fn, recipe)(jq.quantize_params(
+      apply_fn, params, recipe, x), x)
+  ref = apply_fn(params, x)
+  assert rel_err(out, ref) < 0.1
+  # A group size no contracted axis takes names the last one.
+  bad = jq.Recipe([jq.Rule("weight", weight=jq.int4(group_size=5))])
+  with pytest.raises(ValueError, match="weight: group_size=5 does not divide "
+                     "axis 3"):
+    jq.quantize_params(apply_fn, params, bad, x)
+
+
 def test_grouped_weights_follow_transposes():
   """(out, in)-stored kernels used as `x @ w.T` (Hugging Face GPT-2 style)
   and a tied embedding's `x @ embedding.T` keep their per-group scales

@@ -50,10 +50,10 @@ class Case:
       (kh, kw, in); NNX attention's output kernel: (heads, head_dim)).
       Grouped int4 needs the group axis to be a weight's only contracted
       axis to run int8 (README, "Per-group weights with an `act` spec"),
-      and groups run along the last contracted axis, which for these is
-      short (3 input channels, Equinox's kernel width 3) and raises for
-      group_size=16. W4A8 gives them int4 per channel (still int8 x int8);
-      every other weight is grouped.
+      and groups run along the last contracted axis that the group size
+      divides: a first conv on 3 image channels (kernel 3 x 3) has none,
+      and group_size=16 raises. W4A8 gives them int4 per channel (still
+      int8 x int8); every other weight is grouped.
     classes_axis: the axis argmax agreement is taken over.
   """
 

@@ -196,10 +196,14 @@ def float_payload(path, leaf) -> FloatPayload:
   return FloatPayload(leaf)
 
 
-def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
+def resolve_spec(spec: QuantSpec, contracted: frozenset, shape,
                  path: str) -> QuantSpec:
   """Fills in the axes a spec left to the model: channels = non-contracted,
-  groups along the (last) contracted axis."""
+  groups along the last contracted axis that `group_size` divides (the last
+  one if none does: its error names it). A Flax conv kernel (kh, kw, in,
+  out) groups its input channels; so does a PyTorch-layout one (out, in,
+  kh, kw), whose last contracted axis is the kernel width."""
+  ndim = len(shape)
   if spec.granularity == "channel" and spec.channel_axes is None:
     spec = dataclasses.replace(spec, channel_axes=tuple(
         a for a in range(ndim) if a not in contracted))
@@ -207,7 +211,8 @@ def resolve_spec(spec: QuantSpec, contracted: frozenset, ndim: int,
     if not contracted:
       raise ValueError(f"{path}: no contraction axis to group along; give "
                        "group_axis= in the spec")
-    spec = dataclasses.replace(spec, group_axis=max(contracted))
+    divisible = [a for a in contracted if shape[a] % spec.group_size == 0]
+    spec = dataclasses.replace(spec, group_axis=max(divisible or contracted))
   return numerics.resolve_axes(spec, ndim, path)
 
 
@@ -224,5 +229,5 @@ def resolved_specs(traced: Traced, recipe: Recipe, leaves) -> dict:
   for path, axes in contracted.items():
     spec = recipe.weight_spec(path)
     if spec is not None and is_float_array(by_path[path]):
-      specs[path] = resolve_spec(spec, axes, np.ndim(by_path[path]), path)
+      specs[path] = resolve_spec(spec, axes, np.shape(by_path[path]), path)
   return specs
