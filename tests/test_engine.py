@@ -442,12 +442,7 @@ def test_report_names_weights_computed_from_params():
     scores = h @ h.T                           # activations only
     return jax.nn.relu(scores @ h) @ p["out"]  # a plain weight
 
-  params = {"g": jnp.ones((1, 8)), "v": jax.random.normal(
-      jax.random.key(0), (16, 8)), "out": jnp.ones((8, 2))}
-  x = jax.random.normal(jax.random.key(1), (4, 16))
-  recipe = jq.Recipe([jq.Rule("out", weight=jq.int8(), act=jq.int8()),
-                      jq.Rule(".*", weight=None, optional=True)])
-  rep = jq.report(apply_fn, params, recipe, x)
+  rep = _weight_norm_report(apply_fn, (1, 8), (16, 8))
   reasons = {op.reason for op in rep.ops if op.mode == "float"}
   assert ("weight computed from g, v by arithmetic, not layout ops alone: "
           "runs in float") in reasons
@@ -464,12 +459,18 @@ def test_report_shapes_of_a_computed_weight_on_the_left():
     w = p["g"] * p["v"] / jnp.linalg.norm(p["v"], axis=1, keepdims=True)
     return (w @ x.T).T @ p["out"]
 
-  params = {"g": jnp.ones((8, 1)), "v": jax.random.normal(
-      jax.random.key(0), (8, 16)), "out": jnp.ones((8, 2))}
-  x = jax.random.normal(jax.random.key(1), (4, 16))
-  recipe = jq.Recipe([jq.Rule("out", weight=jq.int8(), act=jq.int8()),
-                      jq.Rule(".*", weight=None, optional=True)])
-  rep = jq.report(apply_fn, params, recipe, x)
+  rep = _weight_norm_report(apply_fn, (8, 1), (8, 16))
   computed = [op for op in rep.ops if op.path == "g"]
   assert [(op.weight_shape, op.act_shape) for op in computed] == [
       ((8, 16), (16, 4))], str(rep)
+
+
+def _weight_norm_report(apply_fn, g_shape, v_shape):
+  """`jq.report` of `apply_fn` on params g, v (a weight-normed weight) and
+  out (8, 2), int8 only for `out`, on 4 rows of 16 features."""
+  params = {"g": jnp.ones(g_shape), "v": jax.random.normal(
+      jax.random.key(0), v_shape), "out": jnp.ones((8, 2))}
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  recipe = jq.Recipe([jq.Rule("out", weight=jq.int8(), act=jq.int8()),
+                      jq.Rule(".*", weight=None, optional=True)])
+  return jq.report(apply_fn, params, recipe, x)
