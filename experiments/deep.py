@@ -7,9 +7,9 @@
    4d), W8A8 on every kernel. Timed in one process: `jq.quantize_params`
    (its trace included) once, and the float model's `jit` compile against
    `jq.quantized_apply`'s (trace, lower, compile) in alternating rounds,
-   reported as the median of the per-round ratios. Memory: peak resident growth of
-   `quantize_params` over the float params already in memory, measured in
-   a subprocess, against the float params' bytes.
+   reported as the median of the per-round ratios. Memory: peak resident
+   growth of `quantize_params` over the float params already in memory,
+   measured in a subprocess, against the float params' bytes.
 2. Equations: a plain-JAX chain of `n` small matmuls (`x = tanh(x @ w_i)
    / 2 + x`, four equations each), `jq.quantize_params` timed at two sizes
    to show its time grows linearly with the number of equations.

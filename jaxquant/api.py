@@ -118,13 +118,12 @@ def quantize_params(apply_fn: Callable, params, recipe: Recipe, *args,
     leaf = fetch(path)
     if path in methods:
       bar.set_description(f"{methods[path].name} {path}")
-      q = _by_method(leaf, specs[path], methods[path], stats,
-                     contracted[path], path)
+      q = with_order(_by_method(leaf, specs[path], methods[path], stats,
+                                contracted[path], path), orders.get(path))
       bar.update()
-    else:
+    else:  # stored in its order as it is quantized: no logical-order copy
       q = quantize(leaf, specs[path], key=keys.get(path), where=path,
-                   order=orders.get(path))  # no logical-order copy
-    q = with_order(q, orders.get(path))
+                   order=orders.get(path))
     if source is not None:
       # Measured on XLA:CPU: a jit's outputs can keep the buffers of its
       # whole computation alive (an int4 g128 leaf of 4 MB kept about its

@@ -146,7 +146,8 @@ def where(cond, a, b):
       jnp.float32)
   shape = jnp.broadcast_shapes(jnp.shape(cond), jnp.shape(a), jnp.shape(b))
   return jax.lax.select(_broadcast(cond, None, shape),
-                        _broadcast(a, dtype, shape), _broadcast(b, dtype, shape))
+                        _broadcast(a, dtype, shape),
+                        _broadcast(b, dtype, shape))
 
 
 def _broadcast(v, dtype, shape):

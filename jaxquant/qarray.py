@@ -185,8 +185,10 @@ def check_order(order, ndim: int, where: str = "QArray") -> None:
                      "None")
 
 
-def _canonical(order, ndim: int):
-  """`order` as a tuple of ints, or None for the logical order."""
+def _canonical(order, ndim: int, where: str = "QArray"):
+  """`order` checked (`check_order`), as a tuple of ints, or None for the
+  logical order."""
+  check_order(order, ndim, where)
   if order is None or tuple(order) == tuple(range(ndim)):
     return None  # the logical order is stored as None
   return tuple(int(a) for a in order)
@@ -206,7 +208,6 @@ def with_order(q: QArray, order) -> QArray:
     >>> t.values.shape, t.shape, bool((t.dequantize() == q.dequantize()).all())
     ((3, 2), (2, 3), True)
   """
-  check_order(order, q.ndim)
   order = _canonical(order, q.ndim)
   if order == q.order:
     return q
@@ -265,8 +266,8 @@ def quantize(x, spec: QuantSpec, *, key=None, value_range=None,
     True
   """
   x, spec, key = _checked(x, spec, key, where)
-  check_order(order, x.ndim, where)
-  return _quantize(x, spec, key, value_range, _canonical(order, x.ndim))
+  return _quantize(x, spec, key, value_range,
+                   _canonical(order, x.ndim, where))
 
 
 def _checked(x, spec: QuantSpec, key, where: str):

@@ -188,21 +188,19 @@ def dynamic_act_scale(x, site: Site, spec: QuantSpec):
     top = jnp.max(numerics.where(x != x, nan, jnp.abs(x)), axis=axes,
                   keepdims=True)
     scale, zero_point = numerics.symmetric_scale(top, spec), None
-    bad = top == jnp.inf
   else:
     lo, hi = _range(x, axes, nan)
     scale, zero_point = numerics.scale_from_range(lo, hi, spec)
-    bad = jnp.abs(hi - lo) == jnp.inf
   if per_tensor:
     return poisoned(scale, x, site), zero_point
+  bad = top == jnp.inf if spec.symmetric else jnp.abs(hi - lo) == jnp.inf
   return numerics.where(bad, jnp.nan, scale), zero_point
 
 
 def _range(x, axes, nan: float):
   """(lo, hi) of `x` over `axes` (keepdims), with NaN read as +-`nan`."""
-  lo = jnp.min(numerics.where(jnp.isnan(x), -nan, x), axis=axes,
-               keepdims=True)
-  hi = jnp.max(numerics.where(jnp.isnan(x), nan, x), axis=axes, keepdims=True)
+  lo = jnp.min(numerics.where(x != x, -nan, x), axis=axes, keepdims=True)
+  hi = jnp.max(numerics.where(x != x, nan, x), axis=axes, keepdims=True)
   return lo, hi
 
 

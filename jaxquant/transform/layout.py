@@ -167,12 +167,12 @@ def to_output_layout(s, contract, batch, is_lhs: bool, n_other_free: int):
   """
   free = [d for d in range(s.ndim) if d not in contract and d not in batch]
   kept = list(batch) + free
+  kept_shape = tuple(s.shape[d] for d in kept)
+  # The contracted dims have size 1: dropping them, wherever they sit, is a
+  # reshape (one op, where a transpose and two reshapes would lower to
+  # three); only a reordering of the kept dims needs the transpose.
   if kept != sorted(kept):
     s = jnp.transpose(s, kept + list(contract))
-  # The contracted dims have size 1: dropping them, wherever they sit, is a
-  # reshape (one op, where a transpose and two reshapes would lower to three).
-  kept_shape = tuple(s.shape[d] for d in kept) if kept == sorted(kept) else (
-      s.shape[:len(kept)])
   ones = (1,) * n_other_free
   nb = len(batch)
   shape = (kept_shape + ones if is_lhs
