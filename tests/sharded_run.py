@@ -79,17 +79,22 @@ def moved_bytes(compiled_text: str) -> int:
   return total
 
 
+def placed(params, x, layout: str):
+  """`params` and `x` on the 2 x 4 mesh, sharded as `LAYOUTS[layout]`."""
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  named = lambda spec: NamedSharding(mesh, spec)
+  (up, down), batch = LAYOUTS[layout]
+  shardings = {"params": {"up": {"kernel": named(up), "bias": named(P())},
+                          "down": {"kernel": named(down), "bias": named(P())}}}
+  return jax.device_put(params, shardings), jax.device_put(x, named(batch))
+
+
 def fsdp_bytes(d: int) -> dict:
   """Bytes moved by an FSDP MLP (d -> 4d -> d, 16 rows), float vs each
   recipe and lowering: `python tests/sharded_run.py bytes 1024`."""
-  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-  named = lambda spec: NamedSharding(mesh, spec)
   model = MLP(4 * d, d)
   x = jax.random.normal(jax.random.key(1), (16, d))
-  params = model.init(jax.random.key(0), x)
-  sp = jax.device_put(params, jax.tree.map(
-      lambda a: named(P("data", None) if a.ndim == 2 else P()), params))
-  sx = jax.device_put(x, named(P("data", None)))
+  sp, sx = placed(model.init(jax.random.key(0), x), x, "fsdp")
   out = {"float": moved_bytes(
       jax.jit(model.apply).lower(sp, sx).compile().as_text())}
   recipes = dict(RECIPES, **{"W4A8 g128": dict(weight=jq.int4(group_size=128),
@@ -106,18 +111,12 @@ def fsdp_bytes(d: int) -> dict:
 
 
 def main(keys):
-  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-  named = lambda spec: NamedSharding(mesh, spec)
   model = MLP()
   x = jax.random.normal(jax.random.key(1), (16, 128))
   params = model.init(jax.random.key(0), x)
   out = {"devices": jax.device_count(), "runs": {k: {} for k in keys}}
-  for layout, ((up, down), batch) in LAYOUTS.items():
-    shardings = {"params": {"up": {"kernel": named(up), "bias": named(P())},
-                            "down": {"kernel": named(down),
-                                     "bias": named(P())}}}
-    sp = jax.device_put(params, shardings)
-    sx = jax.device_put(x, named(batch))
+  for layout in LAYOUTS:
+    sp, sx = placed(params, x, layout)
     float_hlo = jax.jit(model.apply).lower(sp, sx).compile().as_text()
     for key, name in itertools.product(keys, RECIPES):
       machine = None if key == "this" else key
