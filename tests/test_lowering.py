@@ -107,17 +107,20 @@ def test_report_names_the_lowering():
       64: ("grouped int8 dot", "float dot of the dequantized weight"),
       65: ("float dot of the quantized activation and dequantized weight",
            "float dot of the dequantized weight")}
-  # Per-group weights by (stacked) row count: batched, per group, float.
+  # Per-group weights by (stacked) row count: batched up to 12 stacked
+  # rows (weight-only stacks 3 parts per row), per group, float.
+  batched, per_group = "grouped int8 dot", "int8 dot per group"
+  parts = ", activation as 3 int8 parts"
   by_rows = {m: (run(*dense((m, 96)), "W4A8 g32", FAST)[2].lowering,
                  run(*dense((m, 96)), "W4A16 g32", FAST)[2].lowering)
-             for m in (1, 2, 8, 1024)}
+             for m in (1, 2, 4, 5, 12, 13, 1024)}
   assert by_rows == {
-      1: ("grouped int8 dot, rows padded to 4",
-          "grouped int8 dot, activation as 3 int8 parts, rows padded to 4"),
-      2: ("grouped int8 dot, rows padded to 4",
-          "int8 dot per group, activation as 3 int8 parts"),
-      8: ("int8 dot per group",
-          "int8 dot per group, activation as 3 int8 parts"),
+      1: (batched + ", rows padded to 4", batched + parts + ", rows padded to 4"),
+      2: (batched + ", rows padded to 4", batched + parts),
+      4: (batched, batched + parts),
+      5: (batched, per_group + parts),
+      12: (batched, per_group + parts),
+      13: (per_group, per_group + parts),
       # 3 groups x 1024 rows > 2048: float.
       1024: ("float dot of the quantized activation and dequantized weight",
              "float dot of the dequantized weight")}
@@ -152,10 +155,11 @@ def _i8_dots(fn, *args) -> int:
 
 @pytest.mark.parametrize("mode", ["W8A16", "W4A16 g32"])
 def test_weight_only_parts_lower_to_int8_dots(mode):
-  model, recipe, qparams, x = quantized(mode, (2, 96))
+  model, recipe, qparams, x = quantized(mode, (5, 96))
   fast = jq.quantized_apply(model.apply, recipe, machine=FAST)
   slow = jq.quantized_apply(model.apply, recipe, machine=PLAIN)
-  # Parts stacked as rows: one dot, or one per group (2 x 3 parts = 6 rows).
+  # Parts stacked as rows: one dot, or one per group (5 x 3 parts = 15
+  # rows, past the batched dot's 12).
   assert _i8_dots(fast, qparams, x) == (1 if mode == "W8A16" else 96 // 32)
   assert _i8_dots(slow, qparams, x) == 0
 
