@@ -115,7 +115,8 @@ def test_report_names_the_lowering():
                  run(*dense((m, 96)), "W4A16 g32", FAST)[2].lowering)
              for m in (1, 2, 4, 5, 12, 13, 1024)}
   assert by_rows == {
-      1: (batched + ", rows padded to 4", batched + parts + ", rows padded to 4"),
+      1: (batched + ", rows padded to 4",
+          batched + parts + ", rows padded to 4"),
       2: (batched + ", rows padded to 4", batched + parts),
       4: (batched, batched + parts),
       5: (batched, per_group + parts),

@@ -33,8 +33,8 @@ The choices, decided at trace time from static shapes and the machine:
   activation: the same numbers up to float rounding) wins. The batched
   dot's range is set for decode loops, where XLA unpacks the int4 weight
   once, before the loop (up to 12 stacked rows on this CPU); a step
-  jitted on its own unpacks on every call, and one dot per group would
-  be faster there from 2 rows.
+  jitted on its own unpacks on every call, and there one dot per group
+  measured faster at 1-4 rows.
 - **Stored layout and one row.** `quantize_params` stores an int8 weight
   with its contracted axes last (`QArray.order`, `stored_order`): XLA:CPU's
   int8 dot is as fast or faster on that layout at every row count (4096 x
