@@ -1,18 +1,27 @@
 # `make test` is what CI (.ci/run) runs. It tests both ends of the declared
-# JAX range, each in its own virtual environment built from this checkout:
-#   .venv         newest JAX the registry serves (Python 3.12+): full suite,
-#                 with the zoo extra (Hugging Face Flax models and dm-haiku,
-#                 no torch) for tests/test_other_libraries.py
+# JAX range, each in its own virtual environment built from this checkout,
+# every package pinned by a committed constraints file (so a registry release
+# cannot turn CI red overnight):
+#   .venv         newest JAX tested (Python 3.12+, .ci/newest-constraints.txt):
+#                 full suite, with the zoo extra (Hugging Face Flax models and
+#                 dm-haiku, no torch) for tests/test_other_libraries.py
 #   .venv-oldest  oldest declared JAX (Python 3.11, .ci/oldest-constraints.txt):
 #                 the core tests (SMOKE_TESTS)
+# `make try-newest` (not in CI) tries the registry's newest releases, before
+# a deliberate bump of .ci/newest-constraints.txt.
 # A fresh machine needs Python 3.12 (or 3.13) and 3.11 with pip; they are
 # found on PATH or in pyenv's versions (.ci/find-python). Override with
 # `make test PYTHON=/path/to/python3.12 PYTHON_OLDEST=/path/to/python3.11`.
 # demo and bench use .venv.
+SHELL := bash
+, := ,
 PYTHON ?= $(shell .ci/find-python 3.12 3.13)
 PYTHON_OLDEST ?= $(shell .ci/find-python 3.11)
 VENV ?= .venv
 VENV_OLDEST ?= .venv-oldest
+VENV_UNPINNED ?= .venv-unpinned
+NEWEST := .ci/newest-constraints.txt
+OLDEST := .ci/oldest-constraints.txt
 PY := $(VENV)/bin/python
 PY_OLDEST := $(VENV_OLDEST)/bin/python
 PYTEST_ARGS ?= -q -n 2
@@ -33,23 +42,31 @@ SMOKE_TESTS := jaxquant tests/test_engine.py tests/test_numerics.py \
 VERSIONS := import sys, jax, jaxlib, flax; \
   print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
 
-.PHONY: demo test test-newest test-oldest bench clean
+.PHONY: demo test test-newest test-oldest try-newest bench clean
 
-$(VENV)/.installed: pyproject.toml
-	@test -n "$(PYTHON)" || { echo "make: no Python 3.12 or 3.13 found (pythonX.Y on PATH or in \$$(pyenv root)/versions); install one, e.g. 'pyenv install 3.12', or pass PYTHON=/path/to/python3.12" >&2; exit 1; }
-	$(PYTHON) -m venv --clear $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[test,experiments,zoo]"
-	$(PY) -m pip install --quiet --no-compile --no-deps $(EXPERIMENT_DATA)
-	$(PY) $(COMPILE_SITE) "$$($(PY) $(SITE))"
+NO_PYTHON = { echo "make: no Python $(1) found (python$(1) on PATH or in \$$(pyenv root)/versions); install it, e.g. 'pyenv install $(1)', or pass $(2)=/path/to/python$(1)" >&2; exit 1; }
+
+# $(call venv,python,venv folder,extras,constraints file or none): a fresh
+# venv with this checkout installed editable, plus the data packages where
+# the extras include experiments, byte-compiled on every core. The
+# constraints pin build dependencies (setuptools) too; the venv's own pip
+# is too old to know --build-constraint until it is upgraded.
+define venv
+$(1) -m venv --clear $(2)
+$(2)/bin/python -m pip install --quiet --upgrade pip $(if $(4),-c $(4))
+$(2)/bin/python -m pip install --quiet --no-compile $(if $(4),-c $(4) --build-constraint $(4)) -e ".[$(3)]"
+$(if $(findstring experiments,$(3)),$(2)/bin/python -m pip install --quiet --no-compile --no-deps $(EXPERIMENT_DATA))
+$(2)/bin/python $(COMPILE_SITE) "$$($(2)/bin/python $(SITE))"
+endef
+
+$(VENV)/.installed: pyproject.toml $(NEWEST)
+	@test -n "$(PYTHON)" || $(call NO_PYTHON,3.12,PYTHON)
+	$(call venv,$(PYTHON),$(VENV),test$(,)experiments$(,)zoo,$(NEWEST))
 	touch $@
 
-$(VENV_OLDEST)/.installed: pyproject.toml .ci/oldest-constraints.txt
-	@test -n "$(PYTHON_OLDEST)" || { echo "make: no Python 3.11 found (python3.11 on PATH or in \$$(pyenv root)/versions); install it, e.g. 'pyenv install 3.11', or pass PYTHON_OLDEST=/path/to/python3.11" >&2; exit 1; }
-	$(PYTHON_OLDEST) -m venv --clear $(VENV_OLDEST)
-	$(PY_OLDEST) -m pip install --quiet --upgrade pip
-	$(PY_OLDEST) -m pip install --quiet --no-compile -c .ci/oldest-constraints.txt -e ".[test]"
-	$(PY_OLDEST) $(COMPILE_SITE) "$$($(PY_OLDEST) $(SITE))"
+$(VENV_OLDEST)/.installed: pyproject.toml $(OLDEST)
+	@test -n "$(PYTHON_OLDEST)" || $(call NO_PYTHON,3.11,PYTHON_OLDEST)
+	$(call venv,$(PYTHON_OLDEST),$(VENV_OLDEST),test,$(OLDEST))
 	touch $@
 
 # Both runs happen even when the first fails; make still exits non-zero.
@@ -64,6 +81,17 @@ test-oldest: $(VENV_OLDEST)/.installed
 	$(PY_OLDEST) -c '$(VERSIONS)'
 	$(PY_OLDEST) -m pytest $(PYTEST_ARGS) $(SMOKE_TESTS)
 
+# The registry's newest releases, unpinned, full suite; writes what it
+# installed to $(VENV_UNPINNED)/constraints.txt and how that differs from
+# $(NEWEST). Passing, copy it over $(NEWEST) (keep the header) and commit.
+try-newest:
+	@test -n "$(PYTHON)" || $(call NO_PYTHON,3.12,PYTHON)
+	$(call venv,$(PYTHON),$(VENV_UNPINNED),test$(,)experiments$(,)zoo,)
+	$(VENV_UNPINNED)/bin/python -m pip freeze --all --exclude-editable | grep -v '^jaxquant' > $(VENV_UNPINNED)/constraints.txt
+	-diff <(grep -v '^#' $(NEWEST)) $(VENV_UNPINNED)/constraints.txt
+	$(VENV_UNPINNED)/bin/python -c '$(VERSIONS)'
+	$(VENV_UNPINNED)/bin/python -m pytest $(PYTEST_ARGS)
+
 demo: $(VENV)/.installed
 	$(PY) -m experiments.demo
 
@@ -71,4 +99,4 @@ bench: $(VENV)/.installed
 	$(PY) -m experiments.bench
 
 clean:
-	rm -rf $(VENV) $(VENV_OLDEST) results
+	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_UNPINNED) results

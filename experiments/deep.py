@@ -82,7 +82,10 @@ def transformer_costs(layers: int, d: int, rounds: int) -> dict:
   }, rounds, calls=1, warmup=False, desc="compiles")
   ratios = [q / f for q, f in zip(compiles["quantized"], compiles["float"])]
   return {"params": sum(int(np.size(a)) for a in jax.tree.leaves(params)),
-          "equations": eqns,
+          "equations": eqns, "kernels": sum(
+              path.endswith("kernel")
+              for path, _ in jq.tree.leaves_with_paths(params)),
+          "quantized": _quantized(qparams),
           "float_compile_s": float(np.median(compiles["float"])),
           "quantize_s": quantize,
           "quantized_compile_s": float(np.median(compiles["quantized"])),
@@ -118,9 +121,16 @@ def chain_seconds(n: int) -> dict:
   x = jnp.ones((2, 16))
   eqns = len(jax.make_jaxpr(apply)(params, x).eqns)
   recipe = jq.Recipe([jq.Rule(r"w/.*", weight=jq.int8(), act=jq.int8())])
-  _, seconds = _timed(lambda: jq.quantize_params(apply, params, recipe, x,
-                                                 progress=False))
-  return {"matmuls": n, "equations": eqns, "quantize_s": seconds}
+  qparams, seconds = _timed(lambda: jq.quantize_params(
+      apply, params, recipe, x, progress=False))
+  return {"matmuls": n, "equations": eqns, "quantized": _quantized(qparams),
+          "quantize_s": seconds}
+
+
+def _quantized(qparams) -> int:
+  """How many leaves of `qparams` were quantized."""
+  return sum(isinstance(leaf, jq.QArray) for leaf in jax.tree.leaves(
+      qparams, is_leaf=lambda leaf: isinstance(leaf, jq.QArray)))
 
 
 def run(args) -> dict:

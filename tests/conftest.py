@@ -7,12 +7,22 @@ from typing import NamedTuple
 import pytest
 from hypothesis import settings
 
+from jaxquant.engine import lowering
+
 # Derandomized, so CI runs the same examples every time; explore more with
 # HYPOTHESIS_PROFILE=explore.
 settings.register_profile("ci", max_examples=40, deadline=None,
                           derandomize=True)
 settings.register_profile("explore", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(params=sorted(lowering.PROFILES))
+def machine(request) -> str:
+  """Each lowering profile in turn, whatever this host is: every machine's
+  choices compute on any backend, so each one's numbers are tested here
+  (the host only decides which one is fast)."""
+  return request.param
 
 
 class Trained(NamedTuple):

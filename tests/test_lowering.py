@@ -304,6 +304,28 @@ def test_unknown_machine_raises():
     jq.quantized_apply(model.apply, recipe, machine="tpu-v9")(params, x)
 
 
+@pytest.mark.parametrize("key", sorted(lowering.PROFILES))
+def test_environment_names_the_machine(monkeypatch, key):
+  monkeypatch.setenv(lowering.MACHINE_ENV, key)
+  assert lowering.machine() == key
+  assert lowering.profile() is lowering.PROFILES[key]
+  # What quantized_apply runs with machine=None is that profile's lowering.
+  model, params, x = dense((1, 96))
+  recipe = jq.Recipe([jq.Rule(".*kernel", weight=jq.int8())])
+  qparams = jq.quantize_params(model.apply, params, recipe, x)
+  assert str(jq.report(model.apply, qparams, recipe, x)) == str(jq.report(
+      model.apply, qparams, recipe, x, machine=key))
+
+
+def test_environment_with_an_unknown_machine_raises(monkeypatch):
+  monkeypatch.setenv(lowering.MACHINE_ENV, "cpu/avx2")
+  with pytest.raises(ValueError, match=r"JAXQUANT_MACHINE='cpu/avx2': use "
+                     r"one of \['cpu/other', 'cpu/x86-vnni', 'gpu', 'tpu'\]"):
+    lowering.machine()
+  monkeypatch.delenv(lowering.MACHINE_ENV)
+  assert lowering.machine() == lowering.detected_machine()
+
+
 def _scan_layers(p, x):
   def step(h, w):
     return jnp.tanh(h @ w), None

@@ -51,7 +51,9 @@ AVX-VNNI the int8 dot is fast and all three apply; on other CPUs
 (AVX2-only: a raw `dot(s8, s8)` at prefill is 1.06x float there) rows are
 padded but weight-only stays a float dot. `PROFILES` holds the table with
 the measurements behind each row; `python -m experiments.lowering_probe`
-re-measures the formulations on the machine at hand.
+re-measures the formulations on the machine at hand. `JAXQUANT_MACHINE=KEY`
+in the environment takes another machine's choices on this one (tests run
+an AVX2-only CPU's choices on a VNNI CPU so).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import platform
 
 import jax
@@ -195,6 +198,15 @@ PROFILES = {
 }
 
 
+# The environment variable that names the profile `machine()` returns,
+# whatever the hardware: a test run (or a user) can take another machine's
+# lowerings on this one, e.g. `JAXQUANT_MACHINE=cpu/other` on a VNNI CPU to
+# run what an AVX2-only CPU runs. Every profile computes the same numbers
+# within float32 rounding on any backend; only the speed follows the host.
+MACHINE_ENV = "JAXQUANT_MACHINE"
+
+
+@functools.cache
 def _cpu_flags() -> frozenset:
   try:
     with open("/proc/cpuinfo") as f:
@@ -206,16 +218,33 @@ def _cpu_flags() -> frozenset:
   return frozenset()
 
 
-@functools.cache
-def machine(backend: str | None = None) -> str:
-  """The `PROFILES` key of this machine: 'gpu', 'tpu', 'cpu/x86-vnni' (an
-  x86 CPU with AVX-512 VNNI or AVX-VNNI) or 'cpu/other'."""
+def detected_machine(backend: str | None = None) -> str:
+  """The `PROFILES` key of the hardware at hand: 'gpu', 'tpu',
+  'cpu/x86-vnni' (an x86 CPU with AVX-512 VNNI or AVX-VNNI) or
+  'cpu/other'."""
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return backend if backend in PROFILES else "gpu"
   vnni = {"avx512_vnni", "avx_vnni"} & _cpu_flags()
   x86 = platform.machine().lower() in ("x86_64", "amd64")
   return "cpu/x86-vnni" if x86 and vnni else "cpu/other"
+
+
+def machine(backend: str | None = None) -> str:
+  """The `PROFILES` key whose lowerings run when none is named
+  (`machine=None`): `$JAXQUANT_MACHINE` where set, else the hardware's
+  (`detected_machine`).
+
+  Raises:
+    ValueError: `$JAXQUANT_MACHINE` names no profile.
+  """
+  forced = os.environ.get(MACHINE_ENV)
+  if forced:
+    if forced not in PROFILES:
+      raise ValueError(f"{MACHINE_ENV}={forced!r}: use one of "
+                       f"{sorted(PROFILES)}, or unset it for this machine's")
+    return forced
+  return detected_machine(backend)
 
 
 def check_machine(key) -> None:
