@@ -24,9 +24,9 @@ import numpy as np
 
 from jaxquant import engine, text
 from jaxquant.api import quantize_params, quantized_apply
-from jaxquant.transform import (FloatPayload, Handler, Tagged, Tracer,
-                                bind_plain, param_leaves, resolved_specs,
-                                tag_inputs, value)
+from jaxquant.transform import (FloatPayload, Handler, Tracer, bind_plain,
+                                param_leaves, resolved_specs, tag_inputs,
+                                value)
 from jaxquant.rules import Recipe, Rule
 from jaxquant.spec import QuantSpec, int2, int3, int4, int8
 from jaxquant.tree import is_qarray, nbytes
@@ -86,32 +86,31 @@ class _PairPayload:
 
 @dataclasses.dataclass(kw_only=True)
 class _CompareHandler(Handler):
-  """Emits (path, output SQNR, activation) per matmul; continues in float."""
+  """Emits (path, output SQNR, activation) per matmul; continues in float.
+
+  The quantized side is planned and run as `quantized_apply` runs it
+  (`engine.plan`), on the float model's input to the matmul."""
+
+  machine: object = None  # as for quantized_apply
 
   def on_matmul(self, eqn, site, rule, invals):
     exact = bind_plain(eqn, invals)
     if site is None or not isinstance(invals[site.weight_index].payload,
                                       _PairPayload):
       return exact
-    pair = invals[site.weight_index].payload
-    x = value(invals[site.act_index])
-    x_s, quant = engine.prescaled(x, pair.quant, site, eqn.params)
-    quant = engine.in_usable_order(quant, site)
-    if rule.act is not None and not engine.int_path_problem(
-        site, quant, rule.act, eqn.params):
-      approx = (engine.int8_matmul(eqn, site, x_s, quant, rule.act)
-                if quant.spec.format == "int" else engine.fp8_matmul(
-                    eqn, site, x_s, quant, rule.act))
-    else:
-      w = Tagged(FloatPayload(pair.quant.materialize()), site.path,
-                 invals[site.weight_index].axes)
-      swapped = list(invals)
-      swapped[site.weight_index] = w
-      approx = bind_plain(eqn, swapped)[0]
+    w = invals[site.weight_index]
+    quantized = list(invals)
+    quantized[site.weight_index] = dataclasses.replace(
+        w, payload=w.payload.quant)
+    quantized = engine.plan.prepared(eqn, site, quantized)
+    how = engine.plan.plan(site, quantized[site.weight_index].payload, rule,
+                           eqn.params, value(quantized[site.act_index]).dtype,
+                           self.machine)
+    approx = engine.plan.run(how, eqn, site, quantized, rule.act)[0]
     y = exact[0].astype(jnp.float32)
     noise = jnp.sum((y - approx.astype(jnp.float32)) ** 2)
     self.emit(site.path, jnp.stack([jnp.sum(y**2), noise]))
-    self.emit(site.path + "#act", x)
+    self.emit(site.path + "#act", value(invals[site.act_index]))
     return exact
 
 
@@ -202,7 +201,8 @@ class LayerReport:
 
 
 def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
-                 stats=None, model_kwargs: dict | None = None) -> LayerReport:
+                 stats=None, model_kwargs: dict | None = None,
+                 machine=None) -> LayerReport:
   """Per quantized layer: ranges, clips, bits, weight and output SQNR.
 
   `params` are float; they are quantized with `quantize_params` (with
@@ -213,7 +213,8 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
     output SQNR = 10 log10(sum y^2 / sum (y - y_q)^2)
 
   with y its float matmul output and y_q the same matmul with the quantized
-  weight (and quantized activation, when its rule has `act`).
+  weight (and quantized activation, when its rule has `act`), computed as
+  `quantized_apply` computes it on `machine`.
 
   Args:
     apply_fn: the model, `apply_fn(params, *args, **model_kwargs)`.
@@ -222,6 +223,8 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
     *args: one batch of inputs; the model runs on it (jitted).
     stats: calibration `Stats`, for activation ranges and static clips.
     model_kwargs: keyword arguments of `apply_fn`.
+    machine: whose lowerings compute y_q (see `quantized_apply`); the
+      numbers agree within float32 rounding on every machine.
 
   Returns:
     A `LayerReport`: `print` it for the table, `.plot(folder)` for figures.
@@ -241,17 +244,18 @@ def layer_report(apply_fn: Callable, params, recipe: Recipe, *args,
   """
   kwargs = dict(model_kwargs or {})
   qparams = quantize_params(apply_fn, params, recipe, *args, stats=stats,
-                            model_kwargs=kwargs, progress=False)
+                            model_kwargs=kwargs, progress=False,
+                            machine=machine)
   traced, dyn = Tracer(apply_fn)(params, args, kwargs)
   leaves = param_leaves(params)
   qleaves = dict(zip(traced.paths, param_leaves(qparams)))
-  compare = lambda q: _compared(traced, recipe, params, dyn, q)
+  compare = lambda q: _compared(traced, recipe, params, dyn, q, machine)
   power, acts = compare(qleaves)
   rtn_power = {}
   if any(rule.method is not None for rule in recipe.rules):
     rtn_params = quantize_params(apply_fn, params, recipe.without_methods(),
                                  *args, stats=stats, model_kwargs=kwargs,
-                                 progress=False)
+                                 progress=False, machine=machine)
     rtn_power = compare(dict(zip(traced.paths, param_leaves(rtn_params))))[0]
   total_params = sum(int(np.size(l)) for l in leaves)
   total_bytes = nbytes(qparams)
@@ -295,7 +299,7 @@ def _weight_clip(q) -> float:
   return float(np.max(scale * q.spec.qmax / np.asarray(q.in_scale)))
 
 
-def _compared(traced, recipe, params, dyn, qleaves):
+def _compared(traced, recipe, params, dyn, qleaves, machine):
   """Per quantized path: (output signal, noise) power summed over its
   matmuls, and one batch of the activation entering it."""
   def payload(path, leaf):
@@ -307,7 +311,7 @@ def _compared(traced, recipe, params, dyn, qleaves):
   keys = []
 
   def run(params, dyn):
-    handler = _CompareHandler(recipe=recipe)
+    handler = _CompareHandler(recipe=recipe, machine=machine)
     traced.evaluate(handler, tag_inputs(traced, param_leaves(params),
                                          payload), dyn)
     keys[:] = [key for key, _, _ in handler.sides]

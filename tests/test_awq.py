@@ -38,9 +38,9 @@ def calibrated(fn, params, recipe, xs):
   return jq.calibrate(fn, params, recipe, xs, progress=False)
 
 
-def quantized(fn, params, recipe, xs, stats=None):
+def quantized(fn, params, recipe, xs, stats=None, machine=None):
   return jq.quantize_params(fn, params, recipe, xs[0], stats=stats,
-                            progress=False)
+                            progress=False, machine=machine)
 
 
 def normal(seed, shape):
@@ -395,9 +395,14 @@ I8_DOT = re.compile(r"stablehlo\.dot_general .*: \(tensor<[0-9x]*xi8>, "
                     r"tensor<[0-9x]*xi8>\)")
 
 
+# The dot counts are those of one profile's lowerings, on any host (every
+# profile's numbers are tested in test_lowering.py).
+FAST = "cpu/x86-vnni"
+
+
 @pytest.mark.parametrize("weight, act, method, mode, label, dots", [
     (jq.int4(), jq.int8(), jq.awq(), "int8", "int4/ch awq", 2),
-    # One int8 dot per group: 20 / 4 + 64 / 4.
+    # One int8 dot per group (FAST): 20 / 4 + 64 / 4.
     (jq.int4(group_size=4), jq.int8(), jq.awq(), "int8", "int4/g4 awq", 21),
     (jq.int8(), jq.int8(granularity="tensor"), jq.smoothquant(), "int8",
      "int8/ch smoothquant", 2),
@@ -408,17 +413,17 @@ def test_prescaled_weights_run_in_the_engine(plain, weight, act, method,
   params, xs, stats = plain
   fn = zoo.plain_apply
   rec = rule("w.", weight, act=act, method=method)
-  qparams = quantized(fn, params, rec, xs, stats)
+  qparams = quantized(fn, params, rec, xs, stats, machine=FAST)
   assert qparams["w1"].in_scale.shape == (20, 1)
   assert qparams["w2"].in_scale.shape == (64, 1)
-  qapply = jax.jit(jq.quantized_apply(fn, rec))
+  qapply = jax.jit(jq.quantized_apply(fn, rec, machine=FAST))
   out = qapply(qparams, xs[0])
   # The float model on the dequantized weights Q(W s) / s, up to the
   # activation's rounding (none weight-only).
   ref = fn(jq.dequantize_tree(qparams), xs[0])
   rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
   assert rel < (2e-2 if act else 1e-5), rel
-  rep = jq.report(fn, qparams, rec, xs[0])
+  rep = jq.report(fn, qparams, rec, xs[0], machine=FAST)
   assert [(op.mode, op.weight_spec) for op in rep.ops] == [(mode, label)] * 2
   assert label in str(rep)
   # The dry run on float params names the method too.

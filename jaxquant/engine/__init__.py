@@ -5,20 +5,20 @@ the user's unmodified `apply_fn(params, *args, **kwargs)` once per abstract
 signature (`jaxquant.transform`) and evaluate it, handing every
 `dot_general` / `conv_general_dilated` that has a parameter operand to a
 handler's `on_matmul`: `payloads` (what a quantized weight carries),
+`plan` (how each matmul runs, and why: the one place that decides),
 `kernels` (the int8 matmuls), `handlers` (what each mode computes).
 """
 
-from jaxquant.engine import lowering
-from jaxquant.engine.handlers import (FLOAT, FP8, INT8, WEIGHT_ONLY,
-                                      FakeQuantHandler, ObserveHandler,
+from jaxquant.engine import lowering, plan
+from jaxquant.engine.handlers import (FakeQuantHandler, ObserveHandler,
                                       OpRecord, QuantizedHandler,
-                                      check_act_specs, in_usable_order,
-                                      int_path_problem,
-                                      params_recipe_mismatch, prescaled,
-                                      spec_problem)
+                                      params_recipe_mismatch)
 from jaxquant.engine.kernels import (dynamic_act_scale, fp8_matmul,
                                      grouped_int8_matmul,
                                      int8_matmul, quantized_activation,
                                      static_act)
 from jaxquant.engine.payloads import (DequantizedPayload, GroupPayload,
                                       QuantPayload)
+from jaxquant.engine.plan import (FLOAT, FP8, INT8, WEIGHT_ONLY, Plan,
+                                  check_act_specs, in_usable_order,
+                                  int_path_problem, prescaled, spec_problem)
