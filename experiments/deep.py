@@ -30,6 +30,7 @@ import numpy as np
 
 import jaxquant as jq
 from experiments import common
+from jaxquant.tree import is_qarray, leaves_with_paths
 
 NAME = "deep"
 SIZES = {True: dict(layers=4, d=256, chains=(250, 1000), rounds=1),
@@ -83,8 +84,7 @@ def transformer_costs(layers: int, d: int, rounds: int) -> dict:
   ratios = [q / f for q, f in zip(compiles["quantized"], compiles["float"])]
   return {"params": sum(int(np.size(a)) for a in jax.tree.leaves(params)),
           "equations": eqns, "kernels": sum(
-              path.endswith("kernel")
-              for path, _ in jq.tree.leaves_with_paths(params)),
+              path.endswith("kernel") for path, _ in leaves_with_paths(params)),
           "quantized": _quantized(qparams),
           "float_compile_s": float(np.median(compiles["float"])),
           "quantize_s": quantize,
@@ -129,8 +129,7 @@ def chain_seconds(n: int) -> dict:
 
 def _quantized(qparams) -> int:
   """How many leaves of `qparams` were quantized."""
-  return sum(isinstance(leaf, jq.QArray) for leaf in jax.tree.leaves(
-      qparams, is_leaf=lambda leaf: isinstance(leaf, jq.QArray)))
+  return sum(is_qarray(leaf) for _, leaf in leaves_with_paths(qparams))
 
 
 def run(args) -> dict:

@@ -11,14 +11,7 @@ handler's `on_matmul`: `payloads` (what a quantized weight carries),
 
 from jaxquant.engine import lowering, plan
 from jaxquant.engine.handlers import (FakeQuantHandler, ObserveHandler,
-                                      OpRecord, QuantizedHandler,
-                                      params_recipe_mismatch)
-from jaxquant.engine.kernels import (dynamic_act_scale, fp8_matmul,
-                                     grouped_int8_matmul,
-                                     int8_matmul, quantized_activation,
-                                     static_act)
-from jaxquant.engine.payloads import (DequantizedPayload, GroupPayload,
-                                      QuantPayload)
+                                      OpRecord, QuantizedHandler)
+from jaxquant.engine.payloads import QuantPayload
 from jaxquant.engine.plan import (FLOAT, FP8, INT8, WEIGHT_ONLY, Plan,
-                                  check_act_specs, in_usable_order,
-                                  int_path_problem, prescaled, spec_problem)
+                                  check_act_specs)

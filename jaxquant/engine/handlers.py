@@ -123,9 +123,7 @@ class QuantizedHandler(Handler):
 
   def on_matmul(self, eqn, site, rule, invals):
     if site is None:
-      self._record(eqn, invals, None, plan.Plan(
-          plan.FLOAT, plan.NOT_QUANTIZED.lowering,
-          "no parameter kernel operand"))
+      self._record(eqn, invals, None, plan.NO_PARAMETER)
       return bind_plain(eqn, invals)
     mismatch = params_recipe_mismatch(
         site.path, invals[site.weight_index].payload, rule)

@@ -223,6 +223,8 @@ class Plan:
 
 NOT_QUANTIZED = Plan(FLOAT, Lowering(lowering.FLOAT_DOT),
                      "parameter not quantized")
+NO_PARAMETER = Plan(FLOAT, Lowering(lowering.FLOAT_DOT),
+                    "no parameter kernel operand")
 
 
 def plan(site: Site, payload, rule, params, act_dtype, machine=None) -> Plan:
