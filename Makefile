@@ -22,6 +22,13 @@ VENV_OLDEST ?= .venv-oldest
 VENV_UNPINNED ?= .venv-unpinned
 NEWEST := .ci/newest-constraints.txt
 OLDEST := .ci/oldest-constraints.txt
+# Both environments build the C++ kernels (setup.py) against the oldest
+# supported jaxlib's FFI headers: the newest one tests that build runs there.
+BUILD := .ci/build-constraints.txt
+KERNELS := setup.py $(BUILD) $(wildcard jaxquant/native/*.cc)
+# Where a C++ compiler is found, the tests require the kernels built
+# (tests/test_native.py), so a failed build cannot pass as a skipped test.
+REQUIRE_NATIVE := JAXQUANT_REQUIRE_NATIVE=$(if $(shell command -v g++ || command -v c++),1,0)
 PY := $(VENV)/bin/python
 PY_OLDEST := $(VENV_OLDEST)/bin/python
 PYTEST_ARGS ?= -q -n 2
@@ -38,7 +45,8 @@ SMOKE_TESTS := jaxquant tests/test_engine.py tests/test_numerics.py \
   tests/test_qarray.py tests/test_qat.py tests/test_rules_tree_checkpoint.py \
   tests/test_calibration.py tests/test_packaging.py tests/test_checkpoint.py \
   tests/test_formats.py tests/test_reliability_engine.py tests/test_lowering.py \
-  tests/test_reliability_numerics.py tests/test_transform.py
+  tests/test_reliability_numerics.py tests/test_transform.py \
+  tests/test_native.py
 VERSIONS := import sys, jax, jaxlib, flax; \
   print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
 
@@ -48,23 +56,24 @@ NO_PYTHON = { echo "make: no Python $(1) found (python$(1) on PATH or in \$$(pye
 
 # $(call venv,python,venv folder,extras,constraints file or none): a fresh
 # venv with this checkout installed editable, plus the data packages where
-# the extras include experiments, byte-compiled on every core. The
-# constraints pin build dependencies (setuptools) too; the venv's own pip
-# is too old to know --build-constraint until it is upgraded.
+# the extras include experiments, byte-compiled on every core. $(BUILD)
+# pins the build's own dependencies (setuptools, the jaxlib whose headers
+# the kernels compile against); the venv's own pip is too old to know
+# --build-constraint until it is upgraded.
 define venv
 $(1) -m venv --clear $(2)
 $(2)/bin/python -m pip install --quiet --upgrade pip $(if $(4),-c $(4))
-$(2)/bin/python -m pip install --quiet --no-compile $(if $(4),-c $(4) --build-constraint $(4)) -e ".[$(3)]"
+$(2)/bin/python -m pip install --quiet --no-compile $(if $(4),-c $(4) --build-constraint $(BUILD)) -e ".[$(3)]"
 $(if $(findstring experiments,$(3)),$(2)/bin/python -m pip install --quiet --no-compile --no-deps $(EXPERIMENT_DATA))
 $(2)/bin/python $(COMPILE_SITE) "$$($(2)/bin/python $(SITE))"
 endef
 
-$(VENV)/.installed: pyproject.toml $(NEWEST)
+$(VENV)/.installed: pyproject.toml $(NEWEST) $(KERNELS)
 	@test -n "$(PYTHON)" || $(call NO_PYTHON,3.12,PYTHON)
 	$(call venv,$(PYTHON),$(VENV),test$(,)experiments$(,)zoo,$(NEWEST))
 	touch $@
 
-$(VENV_OLDEST)/.installed: pyproject.toml $(OLDEST)
+$(VENV_OLDEST)/.installed: pyproject.toml $(OLDEST) $(KERNELS)
 	@test -n "$(PYTHON_OLDEST)" || $(call NO_PYTHON,3.11,PYTHON_OLDEST)
 	$(call venv,$(PYTHON_OLDEST),$(VENV_OLDEST),test,$(OLDEST))
 	touch $@
@@ -75,11 +84,11 @@ test:
 
 test-newest: $(VENV)/.installed
 	$(PY) -c '$(VERSIONS)'
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(REQUIRE_NATIVE) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-oldest: $(VENV_OLDEST)/.installed
 	$(PY_OLDEST) -c '$(VERSIONS)'
-	$(PY_OLDEST) -m pytest $(PYTEST_ARGS) $(SMOKE_TESTS)
+	$(REQUIRE_NATIVE) $(PY_OLDEST) -m pytest $(PYTEST_ARGS) $(SMOKE_TESTS)
 
 # The registry's newest releases, unpinned, full suite; writes what it
 # installed to $(VENV_UNPINNED)/constraints.txt and how that differs from

@@ -45,6 +45,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -310,6 +311,24 @@ def seconds(fn: Callable, *args) -> float:
 def median_seconds(fn: Callable, args, calls: int) -> float:
   """Median of `calls` timings of `fn(*args)` (see `seconds`)."""
   return statistics.median(seconds(fn, *args) for _ in range(calls))
+
+
+def cpu_name() -> str:
+  """This CPU's model name, cores and vector features that pick kernels
+  (from /proc/cpuinfo, as `lscpu` shows them)."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    return platform.processor() or platform.machine()
+  flags = set(info.get("flags", "").split())
+  simd = [f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2")
+          if f in flags]
+  return (f"{info.get('model name', platform.machine())}, "
+          f"{os.cpu_count()} cores, {'/'.join(simd) or 'no AVX2'}")
 
 
 def time_rounds(variants: dict, rounds: int, calls: int, *, seed: int = 0,

@@ -12,16 +12,24 @@ reported as the median of per-round ratios to float:
   fp8           fp8_e4m3 weights and activations (native fp8 dot where the
                 backend has one, else emulated: `jq.report` says which)
   s8 dot        a bare dot(s8, s8) -> s32 of the same shape: the floor
+  W8A8 / W8A16 (XLA)  the same without jaxquant's C++ kernel
+                (`jaxquant.native`): the XLA formulations, where this
+                machine's profile runs the kernel for these rows
   Qwix W8A8 / W8A16   with `--peers` (needs the `peers` extra)
 
 Bytes-moved limit: at decode a matmul streams its weight once, so int8
-weights bound the ratio at ~0.25 of float32 and int4 at ~0.125.
+weights bound the ratio at ~0.25 of float32 and int4 at ~0.125. The report
+also gives the machine's streaming bandwidth (a jitted sum over 256 MB of
+float32, both cores) and each variant's weight bytes / time at its best
+round, to read each cell against it.
 
   python -m experiments.decode [--quick] [--out DIR] [--seed S] [--peers]
       [--rows 1 8 256] [--shapes 4096x4096 4096x11008] [--rounds R]
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -30,6 +38,7 @@ from jax import lax
 
 import jaxquant as jq
 from experiments import common, peers
+from jaxquant.engine import lowering
 
 NAME = "decode"
 ROWS = (1, 2, 4, 8, 16, 64, 256)
@@ -55,6 +64,19 @@ def parser():
   return p
 
 
+def _without_native():
+  """This machine's profile with jaxquant's C++ kernel switched off."""
+  return dataclasses.replace(lowering.profile(), native_rows=(0, 0))
+
+
+def stream_gbps(mbytes: int = 256, rounds: int = 9) -> float:
+  """GB/s of a jitted float32 sum over `mbytes` MB (best of `rounds`)."""
+  a = jnp.ones(mbytes * 2**20 // 4, jnp.float32)
+  f = jax.jit(jnp.sum)
+  times = common.time_rounds({"sum": (f, (a,))}, rounds, calls=1)["sum"]
+  return a.nbytes / min(times) / 1e9
+
+
 def _variants(k: int, n: int, m: int, seed: int, with_peers: bool):
   """name -> (jitted fn, args), and name -> lowering notes from jq.report."""
   model = nn.Dense(n, use_bias=False)
@@ -64,12 +86,17 @@ def _variants(k: int, n: int, m: int, seed: int, with_peers: bool):
   variants = {"float": (jax.jit(model.apply), (params, x))}
   notes = {}
   bytes_ = {"float": sum(a.nbytes for a in jax.tree.leaves(params))}
-  for name, rule in MODES.items():
+  runs = {name: (rule, None) for name, rule in MODES.items()}
+  runs.update({f"{name} (XLA)": (MODES[name], _without_native())
+               for name in ("W8A8", "W8A16")})
+  for name, (rule, machine) in runs.items():
     recipe = jq.Recipe([jq.Rule(".*kernel", **rule)])
-    qparams = jq.quantize_params(model.apply, params, recipe, x)
-    variants[name] = (jax.jit(jq.quantized_apply(model.apply, recipe)),
+    qparams = jq.quantize_params(model.apply, params, recipe, x,
+                                 machine=machine)
+    variants[name] = (jax.jit(jq.quantized_apply(model.apply, recipe,
+                                                 machine=machine)),
                       (qparams, x))
-    op = jq.report(model.apply, qparams, recipe, x).ops[0]
+    op = jq.report(model.apply, qparams, recipe, x, machine=machine).ops[0]
     notes[name] = f"{op.mode}, {op.lowering}"
     bytes_[name] = sum(a.nbytes for a in jax.tree.leaves(qparams))
     if name == "fp8":  # what reaches XLA: fp8 operands, or upcast ones
@@ -92,7 +119,7 @@ def run(args) -> dict:
   shapes = ([tuple(int(d) for d in s.split("x")) for s in args.shapes]
             if args.shapes else ([(1024, 1024)] if args.quick else SHAPES))
   rounds = args.rounds or (3 if args.quick else 9)
-  cells, lowerings, limits = [], {}, {}
+  cells, lowerings, limits, gbps = [], {}, {}, []
   for k, n in shapes:
     for m in rows:
       variants, notes, bytes_ = _variants(k, n, m, args.seed, args.peers)
@@ -108,12 +135,17 @@ def run(args) -> dict:
                     "float ms": 1e3 * min(times["float"]),
                     **{name: r for name, r in ratios.items()
                        if name != "float"}})
+      gbps.append({"shape": f"{k}x{n}", "M": m, **{
+          name: bytes_[name] / min(times[name]) / 1e9
+          for name in bytes_ if name in times}})
       common.log(f"{k}x{n} M={m}: " + ", ".join(
           f"{name} {r:.2f}x" for name, r in ratios.items() if name != "float"))
   return {"backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind, "rounds": rounds,
           "machine": jq.engine.lowering.machine(), "jax": jax.__version__,
-          "cells": cells, "lowering": lowerings, "bytes_limit": limits}
+          "cells": cells, "lowering": lowerings, "bytes_limit": limits,
+          "stream GB/s": stream_gbps(), "weight GB/s": gbps,
+          "native": jq.native.status().reason, "cpu": common.cpu_name()}
 
 
 def markdown(report) -> str:
@@ -127,11 +159,15 @@ def markdown(report) -> str:
       for name, by_note in report["lowering"].items())
   limits = common.format_table([{"shape": shape, **ratios} for shape, ratios
                                 in report["bytes_limit"].items()])
+  gbps = common.format_table(report["weight GB/s"])
   return (f"{head}\n\n{table}\n\nLowering per mode (`jq.report`, machine "
           f"profile `{report['machine']}`, jax {report['jax']}):\n"
           f"{lowering}\n\nBytes-moved limit (param bytes / float param "
           f"bytes: the ratio a weight-streaming decode step cannot beat):"
-          f"\n\n{limits}\n")
+          f"\n\n{limits}\n\nWeight bytes streamed per second (GB/s, "
+          f"best round) against the machine's streaming read of "
+          f"{report['stream GB/s']:.1f} GB/s ({report['cpu']}; native "
+          f"kernels: {report['native']}):\n\n{gbps}\n")
 
 
 def _span(cells: list[str]) -> str:

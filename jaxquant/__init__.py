@@ -7,7 +7,7 @@ statistics), `transform` (the jaxpr interpreter, with JAX internals in
 `checkpoint` (the workflow).
 """
 
-from jaxquant import observers, sources
+from jaxquant import native, observers, sources
 from jaxquant.analysis import (LayerReport, auto_recipe, layer_report,
                                sensitivity, sqnr_db)
 from jaxquant.api import (Report, fake_quant_apply, quantize_params,
@@ -32,7 +32,7 @@ __all__ = [
     "calibrate", "calibration", "dequantize", "dequantize_tree", "fake_quant",
     "fake_quant_apply", "fp8_e4m3", "fp8_e5m2", "gptq", "int2", "int3", "int4",
     "int8", "int8_ops",
-    "layer_report", "load", "nbytes", "nf4", "observers", "quantize",
+    "layer_report", "load", "native", "nbytes", "nf4", "observers", "quantize",
     "quantize_params", "quantize_tree", "quantized_apply", "report", "save",
     "sensitivity", "smoothquant", "sources", "sqnr_db", "uint8",
 ]

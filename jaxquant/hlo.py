@@ -4,7 +4,8 @@
   # Int8Ops(stablehlo=3, compiled=3, compiled_matmuls=3)
 
 `stablehlo` counts `dot_general` / `convolution` ops whose two operands are
-i8 in the lowered StableHLO (what jaxquant asked for); `compiled` counts
+i8 in the lowered StableHLO (what jaxquant asked for), and calls of
+jaxquant's own C++ int8 dot (`jaxquant.native`); `compiled` counts
 `dot` / `convolution` instructions (XLA:GPU's Triton GEMM fusions hold
 `dot`s too; its cuBLAS GEMM calls count as well) whose two operands are s8
 after XLA's optimisations (what the backend runs), out of
@@ -20,15 +21,18 @@ from typing import NamedTuple
 
 import jax
 
-_SHLO = re.compile(r"stablehlo\.(?:dot_general|convolution)[^\n]*"
+_SHLO = re.compile(r"stablehlo\.(?:dot_general|convolution|custom_call "
+                   r"@jaxquant_int8_dot)[^\n]*"
                    r"\(tensor<[^>]*xi8>, tensor<[^>]*xi8>\)")
 # name = dtype[shape] opcode(operands...; a tuple result "(s32[..], s8[..])"
 # (XLA:GPU's cuBLAS GEMM custom calls return a workspace too) is read by its
 # first element.
 _INSTR = re.compile(
     r"^\s*(?:ROOT )?(%[\w.\-]+) = \(?(\w+)\[[^=]*?\s([\w-]+)\((.*)$")
-# Library GEMMs that XLA:GPU rewrites a `dot` into.
-_GEMM_CALL = re.compile(r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)')
+# Library GEMMs that XLA:GPU rewrites a `dot` into, and jaxquant's own
+# int8 dot (`jaxquant.native`).
+_GEMM_CALL = re.compile(r'custom_call_target="(?:__cublas\$(?:lt\$matmul|gemm)'
+                        r'|jaxquant_int8_dot")')
 
 
 class Int8Ops(NamedTuple):

@@ -4,6 +4,7 @@ computes the same numbers; the fast ones really are int8; report names them.
 Each profile is forced with `machine=`, so these run on any CI machine.
 """
 
+import dataclasses
 import re
 
 import chex
@@ -16,7 +17,10 @@ import pytest
 import jaxquant as jq
 from jaxquant.engine import kernels, lowering
 
-FAST = "cpu/x86-vnni"  # pads rows, runs weight-only on int8 parts
+# The VNNI CPU's XLA formulations (pads rows, runs weight-only on int8
+# parts), without the native kernel (tests/test_native.py) taking few rows.
+FAST = dataclasses.replace(lowering.PROFILES["cpu/x86-vnni"],
+                           native_rows=(0, 0))
 PLAIN = lowering.Profile()  # the plain kernels: no padding, no parts
 # Profiles that force each per-group formulation at every row count.
 PER_GROUP = lowering.Profile(min_rows=4, weight_only_parts=10**9,

@@ -4,6 +4,7 @@ are exactly what jaxquant/ imports (offline: no build isolation, no index)."""
 import ast
 import email.parser
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -22,23 +23,46 @@ def _normalize(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-  # Build from a copy: an in-tree build would reuse a stale build/lib.
+def build_wheel(tmp_path_factory, **env) -> Path:
+  # Build from a copy: an in-tree build would reuse a stale build/lib (and
+  # the copy leaves out the kernels built in place).
   src = tmp_path_factory.mktemp("src") / "jaxquant"
   shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-      ".*", "__pycache__", "*.egg-info", "build", "dist"))
+      ".*", "__pycache__", "*.egg-info", "build", "dist", "*.so"))
   out = tmp_path_factory.mktemp("wheel")
   build = subprocess.run(
       [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
        "--no-build-isolation", "--no-index", "-w", str(out), str(src)],
-      capture_output=True, text=True, cwd=out)
+      capture_output=True, text=True, cwd=out, env=dict(os.environ, **env))
   assert build.returncode == 0, (
       "pip wheel failed (the test extra brings setuptools>=77):\n"
       + build.stdout + build.stderr)
   wheels = list(out.glob("jaxquant-*.whl"))
   assert len(wheels) == 1, wheels
   return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+  return build_wheel(tmp_path_factory)
+
+
+def _kernels_in(wheel: Path) -> list[str]:
+  with zipfile.ZipFile(wheel) as zf:
+    return [n for n in zf.namelist()
+            if re.fullmatch(r"jaxquant/native/_kernels.*\.so", n)]
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="no C++ compiler here")
+def test_wheel_carries_the_kernels_where_a_compiler_exists(wheel):
+  assert len(_kernels_in(wheel)) == 1
+
+
+def test_wheel_builds_without_a_compiler(tmp_path_factory):
+  # No compiler: the optional kernels are skipped, the wheel still builds
+  # (jaxquant then runs its XLA formulations: tests/test_native.py).
+  wheel = build_wheel(tmp_path_factory, CC="false", CXX="false")
+  assert not _kernels_in(wheel)
 
 
 def _metadata(wheel: Path):

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant import numerics
-from jaxquant.engine.lowering import (INT8_DOT, PER_GROUP_DOTS, Lowering,
-                                     free_axes, int8_conv_native)
+from jaxquant import native, numerics
+from jaxquant.engine.lowering import (INT8_DOT, NATIVE_DOT, PER_GROUP_DOTS,
+                                     Lowering, free_axes, int8_conv_native)
 from jaxquant.engine.payloads import GroupPayload, QuantPayload
 from jaxquant.qarray import logical
 from jaxquant.spec import QuantSpec
@@ -381,7 +381,9 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
                 preferred_element_type=jnp.int32)
   if "precision" in params:
     params["precision"] = None
-  if site.primitive == "conv_general_dilated" and not int8_conv_native():
+  if lowering.kernel == NATIVE_DOT:
+    bind = native_bind(site, payload)
+  elif site.primitive == "conv_general_dilated" and not int8_conv_native():
     params.update(preferred_element_type=jnp.float32,
                   precision=lax.Precision.HIGHEST)
     bind = lambda a, b: eqn.primitive.bind(
@@ -420,6 +422,40 @@ def int8_matmul(eqn, site: Site, x, payload: QuantPayload, act_spec,
       acc = acc + k * to_x(zx) * to_w(zw)
   out = _rescaled(eqn, site, acc, sx, payload.scale)
   return _finished(eqn, site, out, x, payload, bool(lowering.act_parts))
+
+
+def native_layout(site: Site, payload) -> bool:
+  """Whether `payload`'s codes lie as the native int8 dot reads them: the
+  weight's free axes, in their logical order, then its contracted ones (no
+  batch axes), so that they are an (N, K) matrix as stored."""
+  order = payload.order or tuple(range(len(site.weight_shape)))
+  return site.primitive == "dot_general" and contracted_last(site, order)
+
+
+def native_bind(site: Site, payload):
+  """`bind(q_x, q_w)` of `int8_matmul` on the native kernel: q_w's stored
+  codes as (N, K) (`native_layout`), q_x's free then contracted axes (in
+  the order the weight stores its contracted ones) as (M, K), the (M, N)
+  product back in `dot_general`'s output layout."""
+  order = payload.order or tuple(range(len(site.weight_shape)))
+  n_free = len(order) - len(site.weight_contract)
+  paired = [site.act_contract[site.weight_contract.index(d)]
+            for d in order[n_free:]]
+
+  def bind(qx, qw):
+    x_free = free_axes(qx.ndim, site.act_contract, ())
+    m = math.prod(qx.shape[d] for d in x_free)
+    k = math.prod(qx.shape[d] for d in paired)
+    w_free = qw.shape[:n_free]
+    x2 = jnp.transpose(qx, x_free + paired).reshape(m, k)
+    out = native.int8_dot(x2, qw.reshape(math.prod(w_free), k))
+    out = out.reshape(tuple(qx.shape[d] for d in x_free) + w_free)
+    if site.weight_index == 0:  # dot_general puts the lhs' free axes first
+      out = jnp.moveaxis(out, tuple(range(len(x_free))),
+                         tuple(range(n_free, out.ndim)))
+    return out
+
+  return bind
 
 
 def stored_dims(params, site: Site, payload):

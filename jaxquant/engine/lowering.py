@@ -67,6 +67,8 @@ import platform
 import jax
 import jax.numpy as jnp
 
+from jaxquant import native
+
 # --------------------------------------------------------------------------
 # What one matmul runs
 
@@ -105,6 +107,7 @@ DEQUANTIZED = "float dot of the dequantized weight"
 ROW_REDUCE = "float row reduction over the stored int8 weight"
 FAKE_QUANT_DOT = "float dot of the quantized activation and dequantized weight"
 FLOAT_DOT = "float dot"
+NATIVE_DOT = "native int8 dot (C++ kernel, jaxquant.native)"
 
 # --------------------------------------------------------------------------
 # The table
@@ -130,6 +133,10 @@ class Profile:
       with their contracted axes last (`stored_order`).
     row_reduce: a one-row matmul on a weight stored so runs as a float
       reduction over its codes (`ROW_REDUCE`).
+    native_rows: `(int8, weight_only)`: per-channel int8 matmuls with at
+      most `int8` activation rows, and weight-only ones with at most
+      `weight_only` stacked rows (rows x activation parts), run jaxquant's
+      own C++ kernel (`NATIVE_DOT`, `jaxquant.native`) where it is loaded.
     evidence: the measurements behind the row.
   """
 
@@ -138,14 +145,17 @@ class Profile:
   grouped_rows: tuple[int, int] | None = None
   contract_last: bool = False
   row_reduce: bool = False
+  native_rows: tuple[int, int] = (0, 0)
   evidence: str = ""
 
 
 PROFILES = {
     "cpu/x86-vnni": Profile(
         min_rows=4, weight_only_parts=0.5, grouped_rows=(12, 2048),
-        contract_last=True, row_reduce=True,
+        contract_last=True, row_reduce=True, native_rows=(16, 64),
         evidence=(
+            "Native int8 dot (its AVX2 loops; no VNNI loops yet): measured "
+            "on the AVX2-only EPYC only (cpu/other), not on a VNNI CPU. "
             "Stored (N, K), 4096 x 4096 / 4096 x 11008 (issue 10 probe, "
             "same run): int8 dot padded to 4 rows 0.58-0.60x float at 1 row,"
             " 0.36-0.48x at 2-16, 0.27-0.31x at 64-256, vs 0.91-0.92x, "
@@ -173,8 +183,16 @@ PROFILES = {
             "0.35-0.53x vs float 0.90-0.96x at 256-1024 rows, 1.9x vs 1.05x"
             " at 2560.")),
     "cpu/other": Profile(
-        min_rows=4, contract_last=True,
+        min_rows=4, contract_last=True, native_rows=(16, 64),
         evidence=(
+            "2-core AVX2-only AMD EPYC, jax 0.12.1, 4096 x 4096 and 4096 x "
+            "11008, time / float32 dot, 5 interleaved rounds "
+            "(experiments.decode, 2026-12-08): W8A8 on the native int8 dot "
+            "(AVX2) 0.18-0.44x at 1-16 rows vs 0.33-1.04x on XLA's int8 dot"
+            " (padded / reduced); at 64 rows 0.67-0.78x vs 0.65-0.81x, so "
+            "up to 16 rows. W8A16 (3 int8 parts: 3-48 stacked rows) 0.28-"
+            "0.87x at 1-16 rows vs the dequantized float dot 3.1-36x; at 64"
+            " rows (192 stacked) the float dot. "
             "AVX2-only AMD EPYC, jaxlib 0.10.2 (issue 10): dot(s8,s8) 1 row "
             "5.6x float, padded to 4 rows ~1.0x; at prefill 1.06x, so "
             "weight-only int8 parts (3 dots) would lose to the float dot. "
@@ -371,6 +389,35 @@ def choose_weight_only(site, groups: int, act_dtype, key=None,
   if prof.grouped_rows is None:
     return Lowering(DEQUANTIZED)
   return _grouped(site, prof, parts, groups) or Lowering(DEQUANTIZED)
+
+
+def native_problem(backend: str | None = None) -> str | None:
+  """Why jaxquant's C++ kernels (`jaxquant.native`) cannot run in this
+  process (None: they can)."""
+  if (backend or jax.default_backend()) != "cpu":
+    return "they run on CPU only"
+  if jax.device_count() > 1:
+    # A custom call is one opaque op to XLA's partitioner: it would gather
+    # sharded weights onto every device.
+    return f"{jax.device_count()} devices (XLA cannot partition them)"
+  status = native.status()
+  return None if status.loaded else status.reason
+
+
+def choose_native(site, parts: int, key=None) -> Lowering | str | None:
+  """The native int8 dot for this matmul's rows x `parts` stacked rows
+  (parts = 0: int8 activations), where machine `key`'s profile takes it;
+  a string saying why not where the profile takes it but it cannot run
+  here; None where the profile does not take it."""
+  stacked = rows(site) * max(parts, 1)
+  limit = profile(key).native_rows[1 if parts else 0]
+  if not (site.primitive == "dot_general" and has_row_axis(site)
+          and 0 < limit and stacked <= limit):
+    return None
+  problem = native_problem()
+  if problem:
+    return f"no native kernel: {problem}"
+  return Lowering(NATIVE_DOT, act_parts=parts)
 
 
 def int8_conv_native(backend: str | None = None) -> bool:

@@ -28,9 +28,10 @@ import dataclasses
 
 from jaxquant.engine import lowering, prescale
 from jaxquant.engine.kernels import (PARTS_SPEC, accumulation_problem,
-                                     contracted_last, fake_quant_matmul,
-                                     fp8_matmul, grouped_int8_matmul,
-                                     int8_matmul, max_terms,
+                                     contracted_last, contraction,
+                                     fake_quant_matmul, fp8_matmul,
+                                     grouped_int8_matmul, int8_matmul,
+                                     max_terms, native_layout,
                                      row_reduce_matmul, static_act,
                                      stored_usable)
 from jaxquant.engine.lowering import Lowering
@@ -258,6 +259,7 @@ def plan(site: Site, payload, rule, params, act_dtype, machine=None) -> Plan:
               and not lowering.int8_conv_native())
   how = lowering.choose_int8(site, _groups(site, payload), machine,
                              _stored_last(site, payload))
+  how = _native(how, site, payload, act, 0, params, machine)
   return Plan(INT8, how, _joined(
       static, lowering.INT8_CONV_EMULATED if emulated else ""), act)
 
@@ -274,7 +276,30 @@ def _weight_only(site, payload, params, act_dtype, machine, reason,
       how = lowering.choose_weight_only(site, _groups(site, payload),
                                         act_dtype, machine,
                                         _stored_last(site, payload))
+      parts = lowering.act_parts(act_dtype)
+      if parts:
+        how = _native(how, site, payload, PARTS_SPEC, parts, params, machine)
   return Plan(WEIGHT_ONLY, how, reason, act)
+
+
+def _native(how: Lowering, site: Site, payload, act_spec, parts: int,
+            params, machine) -> Lowering:
+  """`how`, or the native int8 dot (`lowering.choose_native`) where the
+  weight's codes lie as it reads them (`native_layout`: per channel,
+  features then contraction) and its int32 sums cannot overflow; `how`
+  with a note where the machine's profile takes the kernel but it cannot
+  run here."""
+  if not (type(payload) is QuantPayload and payload.spec.format == "int"
+          and native_layout(site, payload)
+          and contraction(site, params)[0] <= max_terms(payload.spec,
+                                                       act_spec)):
+    return how
+  native = lowering.choose_native(site, parts, machine)
+  if native is None:
+    return how
+  if isinstance(native, str):
+    return dataclasses.replace(how, note=_joined(how.note, native))
+  return native
 
 
 def _joined(*reasons) -> str:
@@ -308,6 +333,7 @@ def fake_quantizes(site: Site, spec: QuantSpec, rule, params) -> bool:
 # the matmul's output (act_spec None: weight-only).
 KERNELS = {
     lowering.INT8_DOT: int8_matmul,
+    lowering.NATIVE_DOT: int8_matmul,
     lowering.GROUPED_DOT: grouped_int8_matmul,
     lowering.PER_GROUP_DOTS: grouped_int8_matmul,
     lowering.ROW_REDUCE: row_reduce_matmul,
