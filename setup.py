@@ -22,7 +22,9 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = sorted(str(p) for p in Path("jaxquant/native").glob("*.cc"))
+NATIVE = Path("jaxquant/native")
+SOURCES = sorted(str(p) for p in NATIVE.glob("*.cc"))
+HEADERS = sorted(str(p) for p in NATIVE.glob("*.h"))
 
 
 def jaxlib_headers():
@@ -57,6 +59,6 @@ class OptionalKernels(build_ext):
 
 setup(
     ext_modules=[Extension("jaxquant.native._kernels", SOURCES,
-                           language="c++", optional=True)],
+                           depends=HEADERS, language="c++", optional=True)],
     cmdclass={"build_ext": OptionalKernels},
 )

@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
+# A script run in a subprocess by test_sharding.py: not collected (doctest
+# collection would import it into the workers, with its 8-device flag).
+collect_ignore = ["sharded_run.py"]
+
 from typing import NamedTuple
 
 import pytest

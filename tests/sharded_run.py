@@ -17,8 +17,9 @@ import re
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8")
+if __name__ == "__main__":  # imported (doctest collection), it changes nothing
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -6,7 +6,6 @@ params, and the probe's suggested profile row well-formed."""
 import json
 import math
 
-import jaxquant as jq
 from experiments import decode, lowering_probe
 from jaxquant.engine import lowering
 
@@ -26,7 +25,7 @@ def test_decode_sweep_small(tmp_path):
   # it and it is built. Without it, M = 1 is reduced over the stored codes,
   # or padded, on machines that do either; M = 8 is one plain int8 dot.
   prof = lowering.profile()
-  native = jq.native.status().loaded and prof.native_rows[0] >= 8
+  native = lowering.native_problem() is None and prof.native_rows[0] >= 8
   for name in ("W8A8", "W8A8 (XLA)"):
     notes = report["lowering"][name]
     if native and name == "W8A8":

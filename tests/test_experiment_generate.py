@@ -21,7 +21,10 @@ from experiments import decoder_model as dm
 from experiments import generate, peers
 
 DENSE = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
-I8_DOT = re.compile(r"stablehlo\.dot_general[^\n]*"
+# An s8 x s8 dot, or jaxquant's own int8 dot (the native kernel that this
+# machine's profile runs at a few rows).
+I8_DOT = re.compile(r"stablehlo\.(?:dot_general|custom_call "
+                    r"@jaxquant_int8_dot)[^\n]*"
                     r"\(tensor<[^>]*xi8>, tensor<[^>]*xi8>\)")
 
 

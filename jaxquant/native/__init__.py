@@ -94,8 +94,8 @@ def status() -> Status:
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(
         target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  best = {v: k for k, v in VARIANTS.items()}[lib.JaxquantInt8DotBestVariant()]
-  runs = tuple(k for k, v in VARIANTS.items() if lib.JaxquantInt8DotSupports(v))
+  best = {v: k for k, v in VARIANTS.items()}[lib.JaxquantBestVariant()]
+  runs = tuple(k for k, v in VARIANTS.items() if lib.JaxquantSupports(v))
   return Status(True, best, f"{path.name}, {best} loops, FFI headers of "
                 f"jaxlib {built}", runs)
 
@@ -116,44 +116,55 @@ def int8_dot(x, w, variant: str | None = None):
   Raises:
     ValueError: the kernels are not loaded (`status()`), or bad operands.
   """
-  if not status().loaded:
-    raise ValueError(f"jaxquant.native.int8_dot: {status().reason}")
   x, w = jnp.asarray(x), jnp.asarray(w)
-  if (x.ndim, w.ndim, x.dtype, w.dtype) != (2, 2, jnp.int8, jnp.int8) or (
-      x.shape[1] != w.shape[1]):
-    raise ValueError(f"jaxquant.native.int8_dot: x {x.dtype}{x.shape} and w "
-                     f"{w.dtype}{w.shape}: expected int8 (M, K) and (N, K)")
+  _check("int8_dot", variant, (x, w), lambda: (x.dtype, w.dtype) == (
+      jnp.int8, jnp.int8) and x.shape[1] == w.shape[1],
+         "int8 (M, K) and (N, K)")
+  call = lambda x, w: jax.ffi.ffi_call(INT8_DOT_TARGET, _out(x, w, jnp.int32))(
+      x, w, variant=np.int32(VARIANTS.get(variant, 0)))
+  return _rows_batched(call, _xla_int8_dot)(x, w)
+
+
+def _out(x, w, dtype):
+  return jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), dtype)
+
+
+def _check(name: str, variant, arrays, ok, expected: str) -> None:
+  """Raises ValueError unless the kernels are loaded, `arrays` are 2-D and
+  `ok()`, and `variant` runs here."""
+  if not status().loaded:
+    raise ValueError(f"jaxquant.native.{name}: {status().reason}")
+  if any(a.ndim != 2 for a in arrays) or not ok():
+    got = ", ".join(f"{a.dtype}{a.shape}" for a in arrays)
+    raise ValueError(f"jaxquant.native.{name}: got {got}; expected "
+                     f"{expected}")
   if variant is not None and variant not in status().variants:
     raise ValueError(f"variant={variant!r}: this CPU runs "
                      f"{list(status().variants)}; or None for the best")
-  return _int8_dot(x, w, VARIANTS.get(variant, 0))
 
 
-def _call(x, w, variant: int):
-  out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32)
-  return jax.ffi.ffi_call(INT8_DOT_TARGET, out)(x, w,
-                                                variant=np.int32(variant))
-
-
-def _xla_dot(x, w):
-  return lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)),
-                                ((0,), (0,)) if w.ndim == 3 else ((), ())),
+def _xla_int8_dot(x, w):
+  batch = ((0,), (0,)) if w.ndim == 3 else ((), ())
+  return lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), batch),
                          preferred_element_type=jnp.int32)
 
 
-def _int8_dot(x, w, variant: int):
+def _rows_batched(call, reference):
+  """`call(x, *weight)` under `jax.vmap`: a batched x folds into rows; a
+  batched weight runs `reference`, XLA's formulation of the same sums."""
   @jax.custom_batching.custom_vmap
-  def dot(x, w):
-    return _call(x, w, variant)
+  def f(x, *weight):
+    return call(x, *weight)
 
-  @dot.def_vmap
-  def _(axis_size, batched, x, w):
-    x_batched, w_batched = batched
-    if w_batched:  # one weight per example: XLA's batched dot, same sums
-      x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-      return _xla_dot(x, w), True
+  @f.def_vmap
+  def _(axis_size, batched, x, *weight):
+    if any(batched[1:]):
+      x = x if batched[0] else jnp.broadcast_to(x, (axis_size,) + x.shape)
+      weight = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                for a, b in zip(weight, batched[1:])]
+      return reference(x, *weight), True
     b, m, k = x.shape
-    rows = dot(x.reshape(b * m, k), w)  # the examples' rows stacked
-    return rows.reshape(x.shape[:-1] + (w.shape[0],)), True
+    rows = f(x.reshape(b * m, k), *weight)  # the examples' rows stacked
+    return rows.reshape(b, m, rows.shape[-1]), True
 
-  return dot(x, w)
+  return f

@@ -20,47 +20,20 @@
 //   machine's own CPU (-march=native): one binary serves every x86-64.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define JAXQUANT_X86 1
-#endif
-
 namespace ffi = xla::ffi;
+using jaxquant::kAvx2;
+using jaxquant::kBest;
+using jaxquant::kRowBlock;
 
 namespace {
-
-enum Variant : int32_t { kBest = 0, kPortable = 1, kAvx2 = 2 };
-
-// Rows of x handled together: each weight vector loaded is used this often.
-constexpr int64_t kRowBlock = 4;
-// Weight bytes per tile of output features: kept in L2 across row blocks.
-constexpr int64_t kTileBytes = 128 * 1024;
-
-bool Supported(int32_t variant) {
-  switch (variant) {
-    case kPortable:
-      return true;
-#ifdef JAXQUANT_X86
-    case kAvx2:
-      return __builtin_cpu_supports("avx2");
-#endif
-    default:
-      return false;
-  }
-}
-
-int32_t Best() { return Supported(kAvx2) ? kAvx2 : kPortable; }
 
 // out[r, n] for r < rows, n in [n0, n1): x rows start at x, stride k.
 void BlockPortable(const int8_t* x, int64_t rows, const int8_t* w,
@@ -78,13 +51,7 @@ void BlockPortable(const int8_t* x, int64_t rows, const int8_t* w,
 }
 
 #ifdef JAXQUANT_X86
-__attribute__((target("avx2"))) inline int32_t Sum8(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v),
-                            _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
+using jaxquant::Sum8;
 
 // Output features n and n + 1 (when `two`) for R rows: each weight vector
 // loaded serves R rows, each activation vector two features.
@@ -160,39 +127,6 @@ void Tile(int32_t variant, const int8_t* x, const int16_t* x16, int64_t m,
   }
 }
 
-// Runs tile(t) for t in [0, tiles) on the caller and XLA's intra-op threads.
-// The caller takes tiles too, so it finishes even if no pool thread is free;
-// workers that start after the last tile is taken return at once.
-template <typename F>
-void ParallelTiles(ffi::ThreadPool& pool, int64_t tiles, F tile) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, tiles, tile] {
-    int64_t finished = 0;
-    for (int64_t t; (t = shared->next.fetch_add(1)) < tiles; ++finished) {
-      tile(t);
-    }
-    if (finished > 0) {
-      std::lock_guard<std::mutex> lock(shared->mu);
-      shared->done += finished;
-      if (shared->done == tiles) shared->cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tiles - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    auto copy = work;  // Schedule takes ownership of its task
-    pool.Schedule(std::move(copy));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done == tiles; });
-}
-
 ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                        ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out,
                        int32_t variant) {
@@ -202,8 +136,8 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
     return ffi::Error::InvalidArgument(
         "jaxquant_int8_dot: expects x (M, K) and w (N, K) int8");
   }
-  if (variant == kBest) variant = Best();
-  if (!Supported(variant)) {
+  if (variant == kBest) variant = jaxquant::Best();
+  if (!jaxquant::Supported(variant)) {
     return ffi::Error::InvalidArgument(
         "jaxquant_int8_dot: variant " + std::to_string(variant) +
         " is not supported by this CPU or build");
@@ -218,9 +152,9 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   const int8_t* xs = x.typed_data();
   std::vector<int16_t> x16(variant == kAvx2 ? m * k : 0);
   std::copy(xs, xs + x16.size(), x16.begin());
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / k);
+  const int64_t tile = std::max<int64_t>(1, jaxquant::kTileBytes / k);
   const int64_t tiles = (n + tile - 1) / tile;
-  ParallelTiles(pool, tiles, [&, tile](int64_t t) {
+  jaxquant::ParallelTiles(pool, tiles, [&, tile](int64_t t) {
     Tile(variant, xs, x16.data(), m, w.typed_data(), t * tile,
          std::min(n, (t + 1) * tile), k, y, n);
   });
@@ -236,12 +170,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantInt8Dot, Int8DotImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("variant"));
-
-// The best variant this CPU runs (for jq.report), and whether one runs.
-extern "C" int32_t JaxquantInt8DotBestVariant() {
-  return Best();
-}
-
-extern "C" int32_t JaxquantInt8DotSupports(int32_t variant) {
-  return Supported(variant) ? 1 : 0;
-}
