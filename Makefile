@@ -25,7 +25,7 @@ OLDEST := .ci/oldest-constraints.txt
 # Both environments build the C++ kernels (setup.py) against the oldest
 # supported jaxlib's FFI headers: the newest one tests that build runs there.
 BUILD := .ci/build-constraints.txt
-KERNELS := setup.py $(BUILD) $(wildcard jaxquant/native/*.cc)
+KERNELS := setup.py $(BUILD) $(wildcard jaxquant/native/*.cc jaxquant/native/*.h)
 # Where a C++ compiler is found, the tests require the kernels built
 # (tests/test_native.py), so a failed build cannot pass as a skipped test.
 REQUIRE_NATIVE := JAXQUANT_REQUIRE_NATIVE=$(if $(shell command -v g++ || command -v c++),1,0)

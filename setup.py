@@ -15,7 +15,6 @@ machine's CPU (no -march=native): the AVX2 loops are compiled per function
 
 import importlib.metadata
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -43,11 +42,10 @@ class OptionalKernels(build_ext):
 
   def build_extension(self, ext):
     found = jaxlib_headers()
-    if found is None or os.environ.get("JAXQUANT_NO_KERNELS"):
-      why = ("JAXQUANT_NO_KERNELS is set" if found else
-             "jaxlib's XLA FFI headers were not found")
-      print(f"jaxquant: C++ kernels not built ({why}); jaxquant runs on "
-            "its XLA formulations", file=sys.stderr)
+    if found is None:
+      print("jaxquant: C++ kernels not built (jaxlib's XLA FFI headers were "
+            "not found); jaxquant runs on its XLA formulations",
+            file=sys.stderr)
       return
     include, version = found
     ext.extra_compile_args = [

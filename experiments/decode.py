@@ -142,7 +142,7 @@ def run(args) -> dict:
           f"{name} {r:.2f}x" for name, r in ratios.items() if name != "float"))
   return {"backend": jax.default_backend(),
           "device": jax.devices()[0].device_kind, "rounds": rounds,
-          "machine": jq.engine.lowering.machine(), "jax": jax.__version__,
+          "machine": lowering.machine(), "jax": jax.__version__,
           "cells": cells, "lowering": lowerings, "bytes_limit": limits,
           "stream GB/s": stream_gbps(), "weight GB/s": gbps,
           "native": jq.native.status().reason, "cpu": common.cpu_name()}
